@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op, each with a plain-torch reference of the same maths."""
