@@ -131,10 +131,9 @@ def compress(x: torch.Tensor, bits: int = 2, outlier_ratio: float = 0.005, group
     chan_zero = chan_scale = None
     idx = torch.empty(0, dtype=torch.int32, device=x.device)
     if k or per_channel:
-        mn, mx = torch.aminmax(x2, dim=0)
-        mn, mx = mn.float(), mx.float()
+        mn, mx = (K.column_stats_triton if backend == "triton" else K.column_stats_reference)(x2)
         if k:
-            absmax = torch.maximum(-mn, mx).nan_to_num(nan=float("inf"))
+            absmax = torch.maximum(-mn, mx)
             idx = torch.topk(absmax, k, sorted=False).indices.sort().values.to(torch.int32)
         if per_channel:
             chan_zero, chan_scale = K.store_stats(mn, mx, bits, x.dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -47,6 +48,12 @@ def hadamard(size: int, device=None) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _hadamard_cached(size: int, device: torch.device) -> torch.Tensor:
     return hadamard(size, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_sign(size: int, device: torch.device) -> torch.Tensor:
+    """The unnormalised +-1 matrix in bf16 (exact), as the kernels use it."""
+    return (hadamard(size) * math.sqrt(size)).round().to(torch.bfloat16).to(device)
 
 
 def store_stats(mn: torch.Tensor, mx: torch.Tensor, bits: int, dtype: torch.dtype):
@@ -83,6 +90,14 @@ def _unpack(codes: torch.Tensor, bits: int, c: int) -> torch.Tensor:
     shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
     q = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return q.flatten(1)[:, :c]
+
+
+def column_stats_reference(x):
+    """Per-channel (min, max) over the tokens in fp32; a channel holding NaN gets (-inf, +inf)."""
+    mn, mx = torch.aminmax(x, dim=0)
+    mn, mx = mn.float(), mx.float()
+    nan = torch.isnan(mn) | torch.isnan(mx)
+    return mn.masked_fill(nan, float("-inf")), mx.masked_fill(nan, float("inf"))
 
 
 def quantize_reference(x, pos, k, bits, group_size, rotate, seed, chan_zero=None, chan_scale=None):
@@ -169,12 +184,46 @@ if triton is not None:
         return zero, scale
 
     @triton.jit
+    def _rotate(x, h_ptr, G: tl.constexpr, EXACT_FP32: tl.constexpr):
+        """x (M, G) fp32 @ H_G (orthonormal). H is stored as +-1 in bf16: tensor-core dots of an exact
+        hi + lo bf16 split of x give ~16 mantissa bits, the precision of a bf16/fp16 activation."""
+        offs = tl.arange(0, G)[:, None] * G + tl.arange(0, G)[None, :]
+        h = tl.load(h_ptr + offs)
+        if EXACT_FP32:
+            y = tl.dot(x, h.to(tl.float32), input_precision="ieee")
+        else:
+            hi = x.to(tl.bfloat16)
+            lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+            y = tl.dot(hi, h) + tl.dot(lo, h)
+        return y * (1.0 / tl.sqrt(G * 1.0))
+
+    @triton.jit
+    def _column_stats_kernel(x_ptr, mn_ptr, mx_ptr, N, C, ROWS_PER_PROG,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        lo = tl.full((BLOCK_C,), float("inf"), tl.float32)
+        hi = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        start = tl.program_id(0) * ROWS_PER_PROG
+        for r in range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK_R):
+            rows = r + tl.arange(0, BLOCK_R)
+            mask = (rows < N)[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            nan = x != x
+            lo = tl.minimum(lo, tl.min(tl.where(mask & ~nan, x, float("inf")), axis=0))
+            lo = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, float("-inf"), lo)
+            hi = tl.maximum(hi, tl.max(tl.where(mask & ~nan, x, float("-inf")), axis=0))
+            hi = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, float("inf"), hi)
+        tl.atomic_min(mn_ptr + cols, lo, mask=cmask)
+        tl.atomic_max(mx_ptr + cols, hi, mask=cmask)
+
+    @triton.jit
     def _quantize_kernel(
         x_ptr, pos_ptr, slab_ptr, codes_ptr, scale_ptr, zero_ptr, h_ptr,
         N, C, W, K, ROW_BYTES, N_GROUPS, seed,
         BITS: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         PER_CHANNEL: tl.constexpr, ROTATE: tl.constexpr, STOCHASTIC: tl.constexpr,
-        HAS_OUTLIERS: tl.constexpr, SLACK: tl.constexpr,
+        HAS_OUTLIERS: tl.constexpr, SLACK: tl.constexpr, EXACT_FP32: tl.constexpr,
     ):
         P: tl.constexpr = 8 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
@@ -201,8 +250,7 @@ if triton is not None:
             nonfinite = (x != x) | (tl.abs(x) == float("inf"))
             bad = tl.max(tl.reshape(nonfinite.to(tl.int32), (BLOCK_R, NG, G)), axis=2) > 0
             if ROTATE:
-                h = tl.load(h_ptr + tl.arange(0, G)[:, None] * G + tl.arange(0, G)[None, :])
-                x = tl.reshape(tl.dot(tl.reshape(x, (BLOCK_R * NG, G)), h, input_precision="ieee"),
+                x = tl.reshape(_rotate(tl.reshape(x, (BLOCK_R * NG, G)), h_ptr, G, EXACT_FP32),
                                (BLOCK_R, BLOCK_C))
                 x3 = tl.reshape(x, (BLOCK_R, NG, G))
                 mn = tl.min(x3, axis=2)
@@ -245,7 +293,7 @@ if triton is not None:
         codes_ptr, scale_ptr, zero_ptr, slab_ptr, pos_ptr, h_ptr, out_ptr,
         N, C, K, ROW_BYTES, N_GROUPS,
         BITS: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        PER_CHANNEL: tl.constexpr, ROTATE: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+        PER_CHANNEL: tl.constexpr, ROTATE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, EXACT_FP32: tl.constexpr,
     ):
         P: tl.constexpr = 8 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
@@ -275,8 +323,7 @@ if triton is not None:
             zero = tl.load(zero_ptr + goffs, mask=gmask, other=0.0).to(tl.float32)
             x3 = tl.reshape(q, (BLOCK_R, NG, G)) * scale[:, :, None] + zero[:, :, None]
             if ROTATE:
-                h = tl.load(h_ptr + tl.arange(0, G)[:, None] * G + tl.arange(0, G)[None, :])
-                x3 = tl.dot(tl.reshape(x3, (BLOCK_R * NG, G)), h, input_precision="ieee")
+                x3 = _rotate(tl.reshape(x3, (BLOCK_R * NG, G)), h_ptr, G, EXACT_FP32)
             x = tl.reshape(x3, (BLOCK_R, BLOCK_C))
         mask = rmask[:, None] & cmask[None, :]
         x = _to_dtype(x, out_ptr.dtype.element_ty)
@@ -288,14 +335,41 @@ if triton is not None:
         tl.store(out_ptr + rows64[:, None] * C + cols[None, :], x, mask=mask)
 
 
-def _tiles(c: int, group_size: int | None, rotate: bool):
-    """(BLOCK_R, BLOCK_C, G) for a row length c: about 4K elements a program, BLOCK_C a multiple of G."""
+# Elements a program and warps, per kernel; set from the GPU sweep in benchmarks/compress_bandwidth.py.
+TUNING = {"quantize": (4096, 4), "dequantize": (4096, 4), "stats": (4096, 4)}
+
+
+def _tiles(c: int, group_size: int | None, rotate: bool, kernel: str):
+    """(BLOCK_R, BLOCK_C, G, num_warps) for a row length c; BLOCK_C a multiple of G."""
+    elements, warps = TUNING[kernel]
     g = group_size or 1
     block_c = max(g, 16, min(1024, triton.next_power_of_2(c)))
-    block_r = max(1, 4096 // block_c)
+    block_r = max(1, elements // block_c)
     if rotate:  # tl.dot needs at least 16 rows
         block_r = max(block_r, 16 * g // block_c)
-    return block_r, block_c, (group_size or block_c)
+    return block_r, block_c, (group_size or block_c), warps
+
+
+def _exact_rotation(dtype) -> bool:
+    """fp32 data, or Triton's interpreter (whose bf16 tl.dot is wrong): rotate with an fp32 dot."""
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def column_stats_triton(x):
+    """Triton twin of ``column_stats_reference``: one read of x, partial results merged with atomics."""
+    n, c = x.shape
+    mn = torch.full((c,), float("inf"), device=x.device)
+    mx = torch.full((c,), float("-inf"), device=x.device)
+    elements, warps = TUNING["stats"]
+    block_c = max(16, min(256, triton.next_power_of_2(c)))
+    block_r = max(1, elements // block_c)
+    col_blocks = triton.cdiv(c, block_c)
+    target = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1)
+    splits = max(1, min(triton.cdiv(n, block_r), target // col_blocks))
+    rows_per = triton.cdiv(triton.cdiv(n, splits), block_r) * block_r
+    _column_stats_kernel[(triton.cdiv(n, rows_per), col_blocks)](x, mn, mx, n, c, rows_per, BLOCK_R=block_r,
+                                                                 BLOCK_C=block_c, num_warps=warps)
+    return mn, mx
 
 
 def quantize_triton(x, pos, k, bits, group_size, rotate, seed, chan_zero=None, chan_scale=None):
@@ -312,14 +386,15 @@ def quantize_triton(x, pos, k, bits, group_size, rotate, seed, chan_zero=None, c
         scale = torch.empty(n, n_groups, dtype=x.dtype, device=x.device)
         zero = torch.empty_like(scale)
     if x.numel():
-        block_r, block_c, g = _tiles(c, group_size, rotate)
-        h = _hadamard_cached(group_size, x.device) if rotate else x
+        block_r, block_c, g, warps = _tiles(c, group_size, rotate, "quantize")
+        h = _hadamard_sign(group_size, x.device) if rotate else x
         grid = (triton.cdiv(n, block_r), triton.cdiv(c, block_c))
         _quantize_kernel[grid](
             x, pos, slab, codes, scale, zero, h,
             n, c, w, k, codes.shape[1], n_groups, seed if seed is not None else 0,
             BITS=bits, G=g, BLOCK_R=block_r, BLOCK_C=block_c, PER_CHANNEL=group_size is None,
             ROTATE=rotate, STOCHASTIC=seed is not None, HAS_OUTLIERS=k > 0, SLACK=_SLACK,
+            EXACT_FP32=_exact_rotation(x.dtype), num_warps=warps,
         )
     return codes, scale, zero, slab
 
@@ -328,13 +403,13 @@ def dequantize_triton(codes, scale, zero, slab, pos, shape_2d, bits, group_size,
     n, c = shape_2d
     out = torch.empty(n, c, dtype=dtype, device=codes.device)
     if out.numel():
-        block_r, block_c, g = _tiles(c, group_size, rotate)
-        h = _hadamard_cached(group_size, codes.device) if rotate else out
+        block_r, block_c, g, warps = _tiles(c, group_size, rotate, "dequantize")
+        h = _hadamard_sign(group_size, codes.device) if rotate else out
         grid = (triton.cdiv(n, block_r), triton.cdiv(c, block_c))
         _dequantize_kernel[grid](
             codes, scale, zero, slab, pos, h, out,
             n, c, slab.shape[1], codes.shape[1], scale.shape[1] if group_size else 0,
             BITS=bits, G=g, BLOCK_R=block_r, BLOCK_C=block_c, PER_CHANNEL=group_size is None,
-            ROTATE=rotate, HAS_OUTLIERS=slab.shape[1] > 0,
+            ROTATE=rotate, HAS_OUTLIERS=slab.shape[1] > 0, EXACT_FP32=_exact_rotation(dtype), num_warps=warps,
         )
     return out

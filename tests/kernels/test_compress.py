@@ -38,12 +38,18 @@ def test_kernel_matches_reference(bits, group, rotate, dtype, device):
     x = _planted(37, 201, dtype, device, seed=bits)
     ref = _run(K.quantize_reference, K.dequantize_reference, x, bits, group, rotate, k=2)
     tri = _run(K.quantize_triton, K.dequantize_triton, x, bits, group, rotate, k=2)
-    for name, a, b in zip(("codes", "scale", "zero", "outliers"), ref[:4], tri[:4]):
-        if device == "cpu" or name != "codes" or not rotate:
+    assert torch.equal(ref[3], tri[3])  # outliers: bit-exact copies
+    if not rotate:  # the same fp32 operations in the same order: identical codes and statistics
+        for name, a, b in zip(("codes", "scale", "zero"), ref[:3], tri[:3]):
             assert torch.equal(a, b), name
-        else:  # compiled tl.dot vs cuBLAS: summation order may move a value across a rounding boundary
-            assert (a != b).float().mean() < 1e-3, name
-    tol = 0 if device == "cpu" else 2 * torch.finfo(dtype).eps
+        tol = 0 if device == "cpu" else 2 * torch.finfo(dtype).eps  # GPU may fuse q * scale + zero
+    else:  # the rotation's sums run in another order: statistics within an ulp, codes within one step
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(tri[1], ref[1], rtol=eps, atol=0)
+        torch.testing.assert_close(tri[2], ref[2], rtol=eps, atol=eps * ref[1].float().abs().max().item())
+        qa, qb = (K._unpack(t[0], bits, 256).float() for t in (ref, tri))
+        assert (qa - qb).abs().max() <= 1 and (qa != qb).float().mean() < 0.01
+        tol = 2.0 / (1 << bits)  # one code flip moves an element by a step (a fraction of the range)
     torch.testing.assert_close(tri[4].float(), ref[4].float(), rtol=tol, atol=tol * x.float().abs().max().item())
 
 
@@ -53,8 +59,20 @@ def test_kernel_odd_shapes(shape, device):
     for group, rotate in MODES:
         ref = _run(K.quantize_reference, K.dequantize_reference, x, 2, group, rotate, k=1)
         tri = _run(K.quantize_triton, K.dequantize_triton, x, 2, group, rotate, k=1)
-        assert torch.equal(ref[0], tri[0]) or device != "cpu"
-        torch.testing.assert_close(tri[4], ref[4], rtol=1e-5, atol=1e-5)
+        assert torch.equal(ref[0], tri[0]) or rotate
+        torch.testing.assert_close(tri[4], ref[4], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (300, 70), (1000, 513)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_stats_kernel(shape, dtype, device):
+    x = (torch.randn(*shape) * 10).to(dtype).to(device)
+    x[0, 0] = float("nan")
+    x[-1, -1] = float("inf")
+    mn_r, mx_r = K.column_stats_reference(x)
+    mn_t, mx_t = K.column_stats_triton(x)
+    assert torch.equal(mn_r, mn_t) and torch.equal(mx_r, mx_t)
+    assert mn_t[0] == float("-inf") and mx_t[0] == float("inf")
 
 
 def test_stats_cover_the_range():
