@@ -61,7 +61,7 @@ def store_stats(mn: torch.Tensor, mx: torch.Tensor, bits: int, dtype: torch.dtyp
     qmax = (1 << bits) - 1
     zero = mn.to(dtype)
     zero = torch.where(zero.float() <= mn, zero, (mn - mn.abs() * _SLACK).to(dtype))
-    s = (mx - zero.float()) / qmax
+    s = (mx - zero.float()) * (1.0 / qmax)  # a multiply, as the kernel does (and as CUDA torch does a scalar divide)
     scale = s.to(dtype)
     scale = torch.where(scale.float() >= s, scale, (s * (1 + _SLACK)).to(dtype))
     bad = ~(torch.isfinite(mn) & torch.isfinite(mx))
@@ -177,7 +177,7 @@ if triton is not None:
     def _round_stats(mn, mx, bad, QMAX: tl.constexpr, SLACK: tl.constexpr, ST: tl.constexpr):
         zero = _to_dtype(mn, ST).to(tl.float32)
         zero = tl.where(zero <= mn, zero, _to_dtype(mn - tl.abs(mn) * SLACK, ST).to(tl.float32))
-        s = tl.div_rn(mx - zero, tl.full(mx.shape, QMAX, tl.float32))
+        s = (mx - zero) * (1.0 / QMAX)
         scale = _to_dtype(s, ST).to(tl.float32)
         scale = tl.where(scale >= s, scale, _to_dtype(s * (1 + SLACK), ST).to(tl.float32))
         scale = tl.where(bad, float("nan"), scale)
@@ -202,20 +202,18 @@ if triton is not None:
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        lo = tl.full((BLOCK_C,), float("inf"), tl.float32)
-        hi = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        lo = tl.full((BLOCK_R, BLOCK_C), float("inf"), tl.float32)
+        hi = tl.full((BLOCK_R, BLOCK_C), float("-inf"), tl.float32)
         start = tl.program_id(0) * ROWS_PER_PROG
-        for r in range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK_R):
+        for r in range(start, tl.minimum(start + ROWS_PER_PROG, N), BLOCK_R):  # element-wise; reduce once
             rows = r + tl.arange(0, BLOCK_R)
             mask = (rows < N)[:, None] & cmask[None, :]
             x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             nan = x != x
-            lo = tl.minimum(lo, tl.min(tl.where(mask & ~nan, x, float("inf")), axis=0))
-            lo = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, float("-inf"), lo)
-            hi = tl.maximum(hi, tl.max(tl.where(mask & ~nan, x, float("-inf")), axis=0))
-            hi = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, float("inf"), hi)
-        tl.atomic_min(mn_ptr + cols, lo, mask=cmask)
-        tl.atomic_max(mx_ptr + cols, hi, mask=cmask)
+            lo = tl.minimum(lo, tl.where(nan, float("-inf"), tl.where(mask, x, float("inf"))))
+            hi = tl.maximum(hi, tl.where(nan, float("inf"), tl.where(mask, x, float("-inf"))))
+        tl.atomic_min(mn_ptr + cols, tl.min(lo, axis=0), mask=cmask)
+        tl.atomic_max(mx_ptr + cols, tl.max(hi, axis=0), mask=cmask)
 
     @triton.jit
     def _quantize_kernel(
@@ -336,7 +334,7 @@ if triton is not None:
 
 
 # Elements a program and warps, per kernel; set from the GPU sweep in benchmarks/compress_bandwidth.py.
-TUNING = {"quantize": (4096, 4), "dequantize": (4096, 4), "stats": (4096, 4)}
+TUNING = {"quantize": (4096, 4), "dequantize": (4096, 4), "stats": (8192, 4)}
 
 
 def _tiles(c: int, group_size: int | None, rotate: bool, kernel: str):
