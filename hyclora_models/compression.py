@@ -134,7 +134,8 @@ def compress(x: torch.Tensor, bits: int = 2, outlier_ratio: float = 0.005, group
         mn, mx = (K.column_stats_triton if backend == "triton" else K.column_stats_reference)(x2)
         if k:
             absmax = torch.maximum(-mn, mx)
-            idx = torch.topk(absmax, k, sorted=False).indices.sort().values.to(torch.int32)
+            # a full sort of C values: on a GPU far cheaper than topk for C in the thousands (4 vs 31 us)
+            idx = absmax.sort(descending=True, stable=True).indices[:k].sort().values.to(torch.int32)
         if per_channel:
             chan_zero, chan_scale = K.store_stats(mn, mx, bits, x.dtype)
     pos = _positions(idx, c, x.device)

@@ -334,7 +334,7 @@ if triton is not None:
 
 
 # Elements a program and warps, per kernel; set from the GPU sweep in benchmarks/compress_bandwidth.py.
-TUNING = {"quantize": (4096, 4), "dequantize": (4096, 4), "stats": (8192, 4)}
+TUNING = {"quantize": (4096, 4), "dequantize": (4096, 4), "stats": (4096, 8)}
 
 
 def _tiles(c: int, group_size: int | None, rotate: bool, kernel: str):
