@@ -1,7 +1,18 @@
 """hyclora-models: LoRA fine-tuning with hybrid-compressed activations."""
 
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from .compression import ALLOWED_BITS, CompressedTensor, compress
+from .config import HyCLoRAConfig
+from .llama import HyCLlamaConfig, HyCLlamaForCausalLM
+from .lora import LoRALinear
 
 __version__ = "0.1.0"
 
-__all__ = ["ALLOWED_BITS", "CompressedTensor", "compress", "__version__"]
+# Our own model_types (registering against transformers' native configs would be ignored);
+# exist_ok makes re-imports safe.
+AutoConfig.register(HyCLlamaConfig.model_type, HyCLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(HyCLlamaConfig, HyCLlamaForCausalLM, exist_ok=True)
+
+__all__ = ["ALLOWED_BITS", "CompressedTensor", "compress", "HyCLoRAConfig", "HyCLlamaConfig",
+           "HyCLlamaForCausalLM", "LoRALinear", "__version__"]

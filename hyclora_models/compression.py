@@ -7,6 +7,7 @@ The maths lives in ``kernels/compress.py`` (a Triton kernel each way and a torch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,9 @@ def check_options(bits=2, outlier_ratio=0.005, group_size=DEFAULT_GROUP_SIZE, ro
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
+_TENSOR_FIELDS = ("data", "codes", "scale", "zero", "outliers", "outlier_idx")
+
+
 @dataclass(eq=False)
 class CompressedTensor:
     """What ``compress`` keeps. ``nbytes`` counts every tensor held; ``decompress()`` rebuilds x."""
@@ -66,8 +70,15 @@ class CompressedTensor:
     outlier_idx: torch.Tensor | None = None  # (k,) int32 channel indices, increasing
 
     def tensors(self):
-        return [t for t in (self.data, self.codes, self.scale, self.zero, self.outliers, self.outlier_idx)
-                if t is not None]
+        return [t for t in (getattr(self, f) for f in _TENSOR_FIELDS) if t is not None]
+
+    def split(self):
+        """(tensors, rest): the tensors (None where absent) for ``ctx.save_for_backward``, and this object
+        without them. ``rest.join(tensors)`` puts them back."""
+        return [getattr(self, f) for f in _TENSOR_FIELDS], dataclasses.replace(self, **dict.fromkeys(_TENSOR_FIELDS))
+
+    def join(self, tensors) -> CompressedTensor:
+        return dataclasses.replace(self, **dict(zip(_TENSOR_FIELDS, tensors)))
 
     @property
     def nbytes(self) -> int:

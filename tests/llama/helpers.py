@@ -1,0 +1,63 @@
+"""A tiny vanilla Llama on disk, and HyC / PEFT twins of it with the same adapter weights."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import hyclora_models as H
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# odd sizes: hidden not a multiple of 32, GQA (6 heads, 2 kv heads), rank 5, alpha 7
+TINY = dict(vocab_size=101, hidden_size=60, intermediate_size=97, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+
+
+def save_tiny_llama(path, **overrides):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
+    model.save_pretrained(path)
+    return path
+
+
+def batch(seed=0, n=3, length=11, vocab=101):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    ids = ids.masked_fill(mask == 0, 0)
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+def hyc_and_peft(path, bits, r=5, alpha=7, targets=TARGETS, attn="sdpa", **cfg):
+    """HyC and PEFT models on the same base weights, with the same random (non-zero) adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    hyc = H.HyCLlamaForCausalLM.from_pretrained(path, attn_implementation=attn, hyclora_config=H.HyCLoRAConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, bits=bits, **cfg))
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(path, attn_implementation=attn),
+                          LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    peft_params = dict(peft.named_parameters())
+    for name, p in hyc.named_parameters():
+        if p.requires_grad:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            key = "base_model.model." + name.replace(".weight", ".default.weight")
+            with torch.no_grad():
+                peft_params[key].copy_(p)
+    return hyc.train(), peft.train()
+
+
+def lora_grads(model):
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name.replace("base_model.model.", "").replace(".default", "")] = p.grad.detach().clone()
+    return out
+
+
+def loss_and_grads(model, b):
+    model.zero_grad()
+    loss = model(**b).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
