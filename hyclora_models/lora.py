@@ -51,19 +51,13 @@ class _LoRALinearFunction(torch.autograd.Function):
         x = ctx.cx.join(tensors).decompress()
         del tensors
         p, seed, s = ctx.dropout_p, ctx.seed, ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dxa = (dy2 @ lora_b) * s  # (tokens, r)
-        d_b = (dy2.T @ xa.reshape(-1, xa.shape[-1])) * s if ctx.needs_input_grad[4] else None
+        dxa = (dy @ lora_b) * s  # (..., r), the shape of x A
+        d_b = (dy.flatten(0, -2).T @ xa.flatten(0, -2)) * s if ctx.needs_input_grad[4] else None
         d_a = None
         if ctx.needs_input_grad[3]:
-            xd = seeded_dropout(x, p, seed)
-            d_a = dxa.T @ xd.reshape(-1, xd.shape[-1])
-            del xd
+            d_a = dxa.flatten(0, -2).T @ seeded_dropout(x, p, seed).flatten(0, -2)
         del x
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dy2 @ weight + seeded_dropout((dxa @ lora_a).view(*dy.shape[:-1], -1), p, seed).reshape(dy2.shape[0], -1)
-            dx = dx.view(*dy.shape[:-1], -1)
+        dx = dy @ weight + seeded_dropout(dxa @ lora_a, p, seed) if ctx.needs_input_grad[0] else None
         return dx, None, None, d_a, d_b, None, None, None
 
 

@@ -31,13 +31,14 @@ class HyCPreTrainedMixin:
         if config is None:
             hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             raw, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
-            model_type = raw.pop("model_type", None)
-            if model_type not in (cls.base_model_type, cls.config_class.model_type):
-                raise ValueError(f"{cls.__name__} loads {cls.base_model_type!r} checkpoints; "
-                                 f"{pretrained_model_name_or_path} has model_type {model_type!r}")
+        else:
+            raw = config.to_dict()
+        model_type = raw.pop("model_type", None)
+        if model_type not in (cls.base_model_type, cls.config_class.model_type):
+            raise ValueError(f"{cls.__name__} loads {cls.base_model_type!r} checkpoints; "
+                             f"{pretrained_model_name_or_path} has model_type {model_type!r}")
+        if not isinstance(config, cls.config_class):
             config = cls.config_class.from_dict(raw)
-        elif not isinstance(config, cls.config_class):
-            config = cls.config_class.from_dict({k: v for k, v in config.to_dict().items() if k != "model_type"})
         if hyclora_config is not None or getattr(config, "hyclora_config", None) is None:
             config.hyclora_config = HyCLoRAConfig.from_any(hyclora_config).to_dict()
         want_info = kwargs.pop("output_loading_info", False)

@@ -113,6 +113,8 @@ def test_non_llama_checkpoint_rejected(tmp_path):
                          intermediate_size=20)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="loads 'llama' checkpoints.*model_type 'bert'"):
         H.HyCLlamaForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="loads 'llama' checkpoints.*model_type 'bert'"):
+        H.HyCLlamaForCausalLM.from_pretrained(tmp_path, config=BertConfig.from_pretrained(tmp_path))
 
 
 def test_lora_dropout_seeded_and_not_stored(tiny):
