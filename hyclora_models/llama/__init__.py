@@ -1,4 +1,4 @@
 from .configuration_hyc_llama import HyCLlamaConfig
-from .modeling_hyc_llama import HyCLlamaForCausalLM
+from .modeling_hyc_llama import HyCLlamaDecoderLayer, HyCLlamaForCausalLM
 
-__all__ = ["HyCLlamaConfig", "HyCLlamaForCausalLM"]
+__all__ = ["HyCLlamaConfig", "HyCLlamaDecoderLayer", "HyCLlamaForCausalLM"]

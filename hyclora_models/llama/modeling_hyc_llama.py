@@ -1,15 +1,17 @@
-"""HyCLlamaForCausalLM: transformers' Llama with LoRA adapters whose activations are kept compressed.
-
-This slice: the LoRA projections (any subset of q/k/v/o/gate/up/down) keep their input compressed and
-x A exactly. The fused decoder layer of METHOD.md (norm inputs with outliers, q/k/v/gate/up base outputs,
-recomputed norms/SwiGLU/RoPE, attention backward from the logsumexp) is the next step.
-"""
+"""HyCLlamaForCausalLM: transformers' Llama whose decoder layers train through the fused, compressed
+layer of ``hyclora_models.decoder`` (METHOD.md), with LoRA on any subset of q/k/v/o/gate/up/down."""
 
 from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from ..decoder import HyCDecoderLayerMixin, adopt_layers
 from ..lora import inject_lora
 from ..modeling_utils import HyCPreTrainedMixin, hyclora_config_of
 from .configuration_hyc_llama import HyCLlamaConfig
+
+
+class HyCLlamaDecoderLayer(HyCDecoderLayerMixin, LlamaDecoderLayer):
+    pass
 
 
 class HyCLlamaForCausalLM(HyCPreTrainedMixin, LlamaForCausalLM):
@@ -19,4 +21,5 @@ class HyCLlamaForCausalLM(HyCPreTrainedMixin, LlamaForCausalLM):
 
     def __init__(self, config: HyCLlamaConfig):
         super().__init__(config)
+        adopt_layers(self.model.layers, HyCLlamaDecoderLayer)
         inject_lora(self, hyclora_config_of(config))

@@ -28,14 +28,14 @@ def batch(seed=0, n=3, length=11, vocab=101):
     return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
-def hyc_and_peft(path, bits, r=5, alpha=7, targets=TARGETS, attn="sdpa", **cfg):
+def hyc_and_peft(path, bits, r=5, alpha=7, targets=TARGETS, attn="sdpa", device="cpu", **cfg):
     """HyC and PEFT models on the same base weights, with the same random (non-zero) adapters."""
     from peft import LoraConfig, get_peft_model
 
     hyc = H.HyCLlamaForCausalLM.from_pretrained(path, attn_implementation=attn, hyclora_config=H.HyCLoRAConfig(
-        r=r, lora_alpha=alpha, target_modules=targets, bits=bits, **cfg))
+        r=r, lora_alpha=alpha, target_modules=targets, bits=bits, **cfg)).to(device)
     peft = get_peft_model(LlamaForCausalLM.from_pretrained(path, attn_implementation=attn),
-                          LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+                          LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)).to(device)
     g = torch.Generator().manual_seed(1)
     peft_params = dict(peft.named_parameters())
     for name, p in hyc.named_parameters():
@@ -58,6 +58,37 @@ def lora_grads(model):
 
 def loss_and_grads(model, b):
     model.zero_grad()
-    loss = model(**b).loss
+    device = next(model.parameters()).device
+    loss = model(**{k: v.to(device) for k, v in b.items()}).loss
     loss.backward()
     return loss.detach(), lora_grads(model)
+
+
+def decoder_layers(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def layer_saved_bytes(model, b):
+    """Bytes the decoder layers save for backward (saved_tensors_hooks around each layer's forward; each
+    storage counted once), after one forward and backward on batch ``b``."""
+    seen, hooks = {}, []
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    def enter(module, args):
+        module._hyc_saved_hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        module._hyc_saved_hooks.__enter__()
+
+    def leave(module, args, out):
+        module._hyc_saved_hooks.__exit__(None, None, None)
+
+    for layer in decoder_layers(model):
+        hooks += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+    try:
+        loss_and_grads(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(seen.values())
