@@ -4,6 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hyclora_models as H
+from hyclora_models.memory import saved_bytes_for_backward
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # odd sizes: hidden not a multiple of 32, GQA (6 heads, 2 kv heads), rank 5, alpha 7
@@ -69,26 +70,5 @@ def decoder_layers(model):
 
 
 def layer_saved_bytes(model, b):
-    """Bytes the decoder layers save for backward (saved_tensors_hooks around each layer's forward; each
-    storage counted once), after one forward and backward on batch ``b``."""
-    seen, hooks = {}, []
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    def enter(module, args):
-        module._hyc_saved_hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        module._hyc_saved_hooks.__enter__()
-
-    def leave(module, args, out):
-        module._hyc_saved_hooks.__exit__(None, None, None)
-
-    for layer in decoder_layers(model):
-        hooks += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
-    try:
-        loss_and_grads(model, b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sum(seen.values())
+    """Bytes the decoder layers save for backward in one step on batch ``b``."""
+    return saved_bytes_for_backward(lambda: loss_and_grads(model, b), decoder_layers(model))

@@ -1,0 +1,149 @@
+"""Peak GPU memory and tokens/s of a LoRA training step: HyC (speed and memory mode) against PEFT LoRA
+(with and without gradient checkpointing), same shapes, same attention backend (SDPA), random bf16
+weights, LoRA r16 / alpha 32 on all 7 projections, AdamW on the adapters.
+
+Each method runs in its own process (a clean peak). Peak memory is reset after the model is built;
+activation_gib = peak - memory held after the build (weights). tokens/s from the median step after
+warm-up. saved_mib_per_token_layer: bytes the decoder layers keep for backward (saved_tensors_hooks),
+per token and layer, from one more step.
+
+    python benchmarks/memory_throughput.py [--batch 4 --seq 1024 --bits 2 --methods ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_records  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192),
+}
+METHODS = ("peft", "peft+gc", "hyc-speed", "hyc-memory")
+
+
+def build(method: str, shape: dict, bits: int):
+    import hyclora_models as H
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            if method.startswith("hyc"):
+                hyc = H.HyCLoRAConfig(r=16, lora_alpha=32, target_modules=TARGETS, bits=bits)
+                model = H.HyCLlamaForCausalLM(H.HyCLlamaConfig(**shape, hyclora_config=hyc.to_dict()))
+            else:
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(LlamaForCausalLM(LlamaConfig(**shape)),
+                                       LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.config._attn_implementation = "sdpa"
+    if method.endswith("gc") or method == "hyc-memory":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def measure(method: str, bits: int, args) -> dict:
+    from hyclora_models.memory import saved_bytes_for_backward
+
+    shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
+    model = build(method, shape, bits)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device="cuda")
+
+    def step():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    built = torch.cuda.memory_allocated()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated()
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    saved = saved_bytes_for_backward(step, layers)
+    step_s = statistics.median(times[args.warmup:])
+    gib = 2**30
+    return dict(method=method, bits=bits, peak_gib=peak / gib,
+                activation_gib=(peak - built) / gib, weights_gib=built / gib, step_s=step_s,
+                tokens_per_s=args.batch * args.seq / step_s,
+                saved_mib_per_token_layer=saved / (args.batch * args.seq * len(layers)) / 2**20)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama-2-7b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=0, help="fewer layers (smoke runs)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--bits", default="2", help="HyC bits, comma-separated (e.g. 2,4)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default=None, help="also copy the JSON here")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one method and bits -> JSON
+    args = ap.parse_args()
+    if args.one:
+        method, bits = args.one.split(":")
+        try:
+            print(json.dumps(measure(method, int(bits), args)))
+        except torch.cuda.OutOfMemoryError:
+            print(json.dumps(dict(method=method, bits=int(bits), oom=True)))
+        return
+    env = environment()
+    runs = []
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; choose from {METHODS}")
+        runs += [(method, b) for b in (args.bits.split(",") if method.startswith("hyc") else ["16"])]
+    records = []
+    for method, bits in runs:
+        run = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", f"{method}:{bits}"],
+                             capture_output=True, text=True)
+        if run.returncode:
+            sys.stderr.write(run.stderr[-3000:])
+            raise SystemExit(f"{method} bits {bits} failed")
+        rec = json.loads(run.stdout.strip().splitlines()[-1])
+        records.append(dict(suite="memory_throughput", model=f"{args.shape}-shape random bf16", attn="sdpa",
+                            r=16, batch=args.batch, seq=args.seq,
+                            layers=args.layers or SHAPES[args.shape]["num_hidden_layers"], **rec, **env))
+    base = next((r for r in records if r["method"] == "peft" and not r.get("oom")), None)
+    print(f"{env['gpu']}, {args.shape} shape, {args.batch} x {args.seq}")
+    print("| method | bits | peak GiB | activations GiB | saved KiB/token/layer | tok/s | vs PEFT memory | vs PEFT tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        if r.get("oom"):
+            print(f"| {r['method']} | {r['bits']} | OOM | | | | | |")
+            continue
+        ratio = (f"{r['activation_gib'] / base['activation_gib']:.3f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}"
+                 if base else " | ")
+        print(f"| {r['method']} | {r['bits']} | {r['peak_gib']:.1f} | {r['activation_gib']:.2f} | "
+              f"{r['saved_mib_per_token_layer'] * 1024:.1f} | {r['tokens_per_s']:,.0f} | {ratio} |")
+    name = f"memory_throughput_{args.shape}_{args.batch}x{args.seq}"
+    print("wrote", write_records(name, records, args.out))
+
+
+if __name__ == "__main__":
+    main()
