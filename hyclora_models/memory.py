@@ -8,15 +8,22 @@ import torch
 from torch import nn
 
 
-def saved_bytes_for_backward(fn, modules: list[nn.Module] | None = None) -> int:
-    """Run ``fn()`` (e.g. a forward and backward) and return the bytes of the tensors autograd saved for
-    backward, each storage counted once (a view of a kept tensor adds nothing). With ``modules``, only what
-    is saved while one of them runs its forward (e.g. the decoder layers)."""
+def saved_bytes_for_backward(fn, modules: list[nn.Module] | None = None, exclude=()) -> int:
+    """Run ``fn()`` (e.g. a forward and backward) and return the bytes of the activations autograd saved
+    for backward, each storage counted once (a view of a kept tensor adds nothing). Weights are not
+    activations: storages of ``exclude`` (e.g. ``model.parameters()``) are not counted. With ``modules``,
+    only what is saved while one of them runs its forward (e.g. the decoder layers), their own
+    parameters and buffers excluded."""
     seen = {}
+    skip = {(t.untyped_storage().data_ptr(), t.device) for t in exclude}
+    for m in modules or ():
+        skip |= {(t.untyped_storage().data_ptr(), t.device) for t in (*m.parameters(), *m.buffers())}
 
     def pack(t):
         storage = t.untyped_storage()
-        seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+        key = (storage.data_ptr(), t.device)
+        if key not in skip:
+            seen[key] = storage.nbytes()
         return t
 
     def hooks():
