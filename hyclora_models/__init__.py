@@ -5,14 +5,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .compression import ALLOWED_BITS, CompressedTensor, compress
 from .config import HyCLoRAConfig
 from .llama import HyCLlamaConfig, HyCLlamaForCausalLM
+from .mistral import HyCMistralConfig, HyCMistralForCausalLM
 from .lora import LoRALinear
 
 __version__ = "0.1.0"
 
 # Our own model_types (registering against transformers' native configs would be ignored);
 # exist_ok makes re-imports safe.
-AutoConfig.register(HyCLlamaConfig.model_type, HyCLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(HyCLlamaConfig, HyCLlamaForCausalLM, exist_ok=True)
+for _config, _model in ((HyCLlamaConfig, HyCLlamaForCausalLM), (HyCMistralConfig, HyCMistralForCausalLM)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
 
 __all__ = ["ALLOWED_BITS", "CompressedTensor", "compress", "HyCLoRAConfig", "HyCLlamaConfig",
-           "HyCLlamaForCausalLM", "LoRALinear", "__version__"]
+           "HyCLlamaForCausalLM", "HyCMistralConfig",
+           "HyCMistralForCausalLM", "LoRALinear", "__version__"]

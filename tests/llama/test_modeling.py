@@ -8,8 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 
 import hyclora_models as H
 
-from .helpers import (TARGETS, TINY, batch, decoder_layers, hyc_and_peft, layer_saved_bytes, loss_and_grads,
-                      save_tiny_llama)
+from ..helpers import (TARGETS, TINY, assert_matches_peft, batch, cosines, decoder_layers, hyc_and_peft,
+                       layer_saved_bytes, loss_and_grads, save_tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -17,19 +17,11 @@ def tiny(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def _cosines(a, b):
-    return torch.stack([torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), 0) for k in b])
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_bits16_equals_peft(tiny, attn):
     hyc, peft = hyc_and_peft(tiny, bits=16, attn=attn)
-    lh, gh = loss_and_grads(hyc, batch())
-    lp, gp = loss_and_grads(peft, batch())
-    assert gh.keys() == gp.keys() and len(gp) == 2 * len(TARGETS) * TINY["num_hidden_layers"]
-    torch.testing.assert_close(lh, lp, rtol=1e-6, atol=0)
-    for k in gp:
-        assert ((gh[k] - gp[k]).norm() / gp[k].norm()) < 1e-4, k
+    assert len([p for p in hyc.parameters() if p.requires_grad]) == 2 * len(TARGETS) * TINY["num_hidden_layers"]
+    assert_matches_peft(hyc, peft, batch())
 
 
 # median / worst gradient cosine to PEFT, measured on this model (CPU): speed mode 8 bits 1.0000/1.0000,
@@ -43,7 +35,7 @@ def test_compressed_gradients_close_to_peft(tiny, device, mode, bits, median, wo
     lh, gh = loss_and_grads(hyc, batch())
     lp, gp = loss_and_grads(peft, batch())
     torch.testing.assert_close(lh, lp, rtol=1e-5, atol=0)  # compression touches only what backward reads
-    cos = _cosines(gh, gp)
+    cos = cosines(gh, gp)
     assert cos.median() >= median and cos.min() >= worst, cos
 
 
@@ -69,11 +61,7 @@ def test_gradient_checkpointing_selects_memory_mode(tiny):
     hyc.gradient_checkpointing_enable()
     assert hyc.is_activation_checkpointing if hasattr(hyc, "is_activation_checkpointing") else hyc.is_gradient_checkpointing
     assert all(layer.memory_mode for layer in decoder_layers(hyc))
-    lh, gh = loss_and_grads(hyc, batch())
-    lp, gp = loss_and_grads(peft, batch())
-    torch.testing.assert_close(lh, lp, rtol=1e-6, atol=0)
-    for k in gp:
-        assert ((gh[k] - gp[k]).norm() / gp[k].norm()) < 1e-4, k
+    assert_matches_peft(hyc, peft, batch())
     # the layers keep only their input (x, exact at 16 bits): nothing also checkpointed
     b = batch()
     x_bytes = b["input_ids"].numel() * TINY["hidden_size"] * 4
@@ -87,11 +75,7 @@ def test_packed_sequences_equal_peft(tiny):
     hyc, peft = hyc_and_peft(tiny, bits=16)
     ids = torch.randint(1, TINY["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
     b = dict(input_ids=ids, labels=ids, position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]]))
-    lh, gh = loss_and_grads(hyc, b)
-    lp, gp = loss_and_grads(peft, b)
-    torch.testing.assert_close(lh, lp, rtol=1e-6, atol=0)
-    for k in gp:
-        assert ((gh[k] - gp[k]).norm() / gp[k].norm()) < 1e-4, k
+    lh = assert_matches_peft(hyc, peft, b)
     unpacked = dict(input_ids=ids, labels=ids)
     assert not torch.allclose(loss_and_grads(hyc, unpacked)[0], lh)  # the packing did change attention
 

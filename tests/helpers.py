@@ -1,7 +1,8 @@
-"""A tiny vanilla Llama on disk, and HyC / PEFT twins of it with the same adapter weights."""
+"""Tiny vanilla causal LMs (Llama, Mistral) on disk, and HyC / PEFT twins of them with the same adapter
+weights."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import hyclora_models as H
 from hyclora_models.memory import saved_bytes_for_backward
@@ -12,11 +13,22 @@ TINY = dict(vocab_size=101, hidden_size=60, intermediate_size=97, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 
 
-def save_tiny_llama(path, **overrides):
+# arch: (vanilla config, vanilla model, HyC model, arch-specific config entries)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, H.HyCLlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, H.HyCMistralForCausalLM, dict(sliding_window=4)),  # < length
+}
+
+
+def save_tiny(path, arch="llama", **overrides):
+    config_cls, model_cls, _, extra = ARCHS[arch]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
+    model = model_cls(config_cls(**{**TINY, **extra, **overrides}))
     model.save_pretrained(path)
     return path
+
+
+save_tiny_llama = save_tiny
 
 
 def batch(seed=0, n=3, length=11, vocab=101):
@@ -29,13 +41,14 @@ def batch(seed=0, n=3, length=11, vocab=101):
     return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
-def hyc_and_peft(path, bits, r=5, alpha=7, targets=TARGETS, attn="sdpa", device="cpu", **cfg):
+def hyc_and_peft(path, bits, r=5, alpha=7, targets=TARGETS, attn="sdpa", device="cpu", arch="llama", **cfg):
     """HyC and PEFT models on the same base weights, with the same random (non-zero) adapters."""
     from peft import LoraConfig, get_peft_model
 
-    hyc = H.HyCLlamaForCausalLM.from_pretrained(path, attn_implementation=attn, hyclora_config=H.HyCLoRAConfig(
+    _, vanilla_cls, hyc_cls, _ = ARCHS[arch]
+    hyc = hyc_cls.from_pretrained(path, attn_implementation=attn, hyclora_config=H.HyCLoRAConfig(
         r=r, lora_alpha=alpha, target_modules=targets, bits=bits, **cfg)).to(device)
-    peft = get_peft_model(LlamaForCausalLM.from_pretrained(path, attn_implementation=attn),
+    peft = get_peft_model(vanilla_cls.from_pretrained(path, attn_implementation=attn),
                           LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)).to(device)
     g = torch.Generator().manual_seed(1)
     peft_params = dict(peft.named_parameters())
@@ -63,6 +76,22 @@ def loss_and_grads(model, b):
     loss = model(**{k: v.to(device) for k, v in b.items()}).loss
     loss.backward()
     return loss.detach(), lora_grads(model)
+
+
+def cosines(a, b):
+    """Cosine of each gradient in ``a`` to the same-named one in ``b``."""
+    return torch.stack([torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), 0) for k in b])
+
+
+def assert_matches_peft(hyc, peft, b):
+    """Same loss and every LoRA gradient within 1e-4 relative (fp32), on batch ``b``; returns the loss."""
+    lh, gh = loss_and_grads(hyc, b)
+    lp, gp = loss_and_grads(peft, b)
+    assert gh.keys() == gp.keys()
+    torch.testing.assert_close(lh, lp, rtol=1e-6, atol=0)
+    for k in gp:
+        assert ((gh[k] - gp[k]).norm() / gp[k].norm()) < 1e-4, k
+    return lh
 
 
 def decoder_layers(model):

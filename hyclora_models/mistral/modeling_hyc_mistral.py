@@ -1,0 +1,26 @@
+"""HyCMistralForCausalLM: Llama's fused layer; what differs is Mistral's sliding window, which its
+attention passes to the attention function (and its model folds into the mask)."""
+
+from transformers import MistralForCausalLM
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+
+from ..decoder import HyCDecoderLayerMixin, adopt_layers
+from ..lora import inject_lora
+from ..modeling_utils import HyCPreTrainedMixin, hyclora_config_of
+from .configuration_hyc_mistral import HyCMistralConfig
+
+
+class HyCMistralDecoderLayer(HyCDecoderLayerMixin, MistralDecoderLayer):
+    def extra_attention_kwargs(self) -> dict:
+        return {"sliding_window": getattr(self.self_attn.config, "sliding_window", None)}
+
+
+class HyCMistralForCausalLM(HyCPreTrainedMixin, MistralForCausalLM):
+    config_class = HyCMistralConfig
+    config: HyCMistralConfig
+    base_model_type = "mistral"
+
+    def __init__(self, config: HyCMistralConfig):
+        super().__init__(config)
+        adopt_layers(self.model.layers, HyCMistralDecoderLayer)
+        inject_lora(self, hyclora_config_of(config))
