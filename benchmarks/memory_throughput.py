@@ -82,6 +82,14 @@ def measure(method: str, bits: int, args) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated()
+    if f"{method}:{bits}" in args.profile.split(",") and args.out:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        Path(args.out, f"profile_{method}_{bits}.txt").write_text(table)
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     # torch's checkpoint keeps its inputs through its own saved-tensor hooks, out of reach of ours
     saved = None if method == "peft+gc" else saved_bytes_for_backward(step, layers)
@@ -104,6 +112,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=None, help="also copy the JSON here")
+    ap.add_argument("--profile", default="", help="method:bits list to profile one step of (table into --out)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one method and bits -> JSON
     args = ap.parse_args()
     if args.one:
