@@ -24,12 +24,15 @@ def versions() -> dict:
 
 
 def commit() -> str:
-    """The source commit: git where the checkout has it, else HYC_COMMIT (the GPU machine gets no .git)."""
+    """The source commit: HYC_COMMIT where set (the GPU machine's copy of the tree may carry a stale .git),
+    else git."""
+    if os.environ.get("HYC_COMMIT"):
+        return os.environ["HYC_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=RESULTS.parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("HYC_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment() -> dict:

@@ -1,11 +1,12 @@
 """What every HyC architecture shares: reading the HyC settings from a config, loading a standard
-checkpoint of the base architecture into the HyC class, and initialising adapters that a checkpoint
-does not hold."""
+checkpoint of the base architecture (or an adapter directory on top of one) into the HyC class,
+initialising adapters that a checkpoint does not hold, and saving the adapter in PEFT's format."""
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from . import adapter as A
 from .config import HyCLoRAConfig
 from .lora import freeze_base, init_missing_lora
 
@@ -21,13 +22,28 @@ class HyCPreTrainedMixin:
     HyC config) and ``base_model_type`` (e.g. "llama")."""
 
     base_model_type: str
+    peft_task_type = "CAUSAL_LM"
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, hyclora_config=None, config=None, **kwargs):
-        """Load a standard checkpoint of the base architecture (or one of ours) and add LoRA adapters.
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, hyclora_config=None, config=None,
+                        base_model=None, **kwargs):
+        """Load a standard checkpoint of the base architecture (or one of ours) and add LoRA adapters; or,
+        given an adapter directory (PEFT's format: ours or one PEFT wrote), load its base model
+        (``base_model_name_or_path``, or ``base_model=``) and the adapter's weights, ready to train on.
 
-        ``hyclora_config``: a HyCLoRAConfig or dict; default: the checkpoint's own HyC settings, else the
-        defaults. Other keyword arguments go to transformers' ``from_pretrained`` (dtype, attn_implementation...)."""
+        ``hyclora_config``: a HyCLoRAConfig or dict; default: the checkpoint's (or adapter's) own HyC
+        settings, else the defaults. Other keyword arguments go to transformers' ``from_pretrained``
+        (dtype, attn_implementation...)."""
+        if A.is_adapter_dir(pretrained_model_name_or_path):
+            peft, stored = A.read_adapter_config(pretrained_model_name_or_path)
+            base = base_model or peft.get("base_model_name_or_path")
+            if not base:
+                raise ValueError(f"adapter {pretrained_model_name_or_path} names no base_model_name_or_path; "
+                                 "pass base_model=")
+            model = cls.from_pretrained(base, *args, hyclora_config=hyclora_config or stored, config=config,
+                                        **kwargs)
+            A.load_adapter_weights(model[0] if isinstance(model, tuple) else model, pretrained_model_name_or_path)
+            return model
         if config is None:
             hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             raw, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
@@ -49,3 +65,15 @@ class HyCPreTrainedMixin:
         init_missing_lora(model, set(info["missing_keys"]))
         freeze_base(model)
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
+        """Write the adapter only (PEFT's format, see ``hyclora_models.adapter``), not the frozen base
+        weights: ``peft.PeftModel.from_pretrained(base, save_directory)`` and this class's
+        ``from_pretrained(save_directory)`` both load it. Other transformers arguments are accepted and
+        ignored (the adapter is always written as safetensors)."""
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub is not supported yet: save, then upload the directory with "
+                                      "huggingface_hub.upload_folder")
+        if is_main_process:
+            A.save_adapter(self, save_directory, hyclora_config_of(self.config), self.name_or_path or None,
+                           self.peft_task_type)
