@@ -26,28 +26,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_records  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES = {
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192),
+SHAPES = {  # (architecture, config)
+    "llama-2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192)),
+    "mistral-7b": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                                   sliding_window=4096)),
 }
 METHODS = ("peft", "peft+gc", "hyc-speed", "hyc-memory")
 
 
-def build(method: str, shape: dict, bits: int):
-    import hyclora_models as H
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(method: str, arch: str, shape: dict, bits: int):
+    import transformers
 
+    import hyclora_models as H
+
+    name = {"llama": "Llama", "mistral": "Mistral"}[arch]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
             if method.startswith("hyc"):
                 hyc = H.HyCLoRAConfig(r=16, lora_alpha=32, target_modules=TARGETS, bits=bits)
-                model = H.HyCLlamaForCausalLM(H.HyCLlamaConfig(**shape, hyclora_config=hyc.to_dict()))
+                config = getattr(H, f"HyC{name}Config")(**shape, hyclora_config=hyc.to_dict())
+                model = getattr(H, f"HyC{name}ForCausalLM")(config)
             else:
                 from peft import LoraConfig, get_peft_model
 
-                model = get_peft_model(LlamaForCausalLM(LlamaConfig(**shape)),
+                vanilla = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**shape))
+                model = get_peft_model(vanilla,
                                        LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
     finally:
         torch.set_default_dtype(torch.float32)
@@ -60,8 +67,9 @@ def build(method: str, shape: dict, bits: int):
 def measure(method: str, bits: int, args) -> dict:
     from hyclora_models.memory import saved_bytes_for_backward
 
-    shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
-    model = build(method, shape, bits)
+    arch, shape = SHAPES[args.shape]
+    shape = dict(shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    model = build(method, arch, shape, bits)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device="cuda")
@@ -138,7 +146,7 @@ def main():
         rec = json.loads(run.stdout.strip().splitlines()[-1])
         records.append(dict(suite="memory_throughput", model=f"{args.shape}-shape random bf16", attn="sdpa",
                             r=16, batch=args.batch, seq=args.seq,
-                            layers=args.layers or SHAPES[args.shape]["num_hidden_layers"], **rec, **env))
+                            layers=args.layers or SHAPES[args.shape][1]["num_hidden_layers"], **rec, **env))
     base = next((r for r in records if r["method"] == "peft" and not r.get("oom")), None)
     print(f"{env['gpu']}, {args.shape} shape, {args.batch} x {args.seq}")
     print("| method | bits | peak GiB | activations GiB | saved KiB/token/layer | tok/s | vs PEFT memory | vs PEFT tok/s |")
