@@ -5,8 +5,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .compression import ALLOWED_BITS, CompressedTensor, compress
 from .config import HyCLoRAConfig
 from .llama import HyCLlamaConfig, HyCLlamaForCausalLM
-from .mistral import HyCMistralConfig, HyCMistralForCausalLM
 from .lora import LoRALinear
+from .mistral import HyCMistralConfig, HyCMistralForCausalLM
 
 __version__ = "0.1.0"
 

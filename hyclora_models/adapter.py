@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import HyCLoRAConfig
+from .lora import is_lora_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -32,8 +33,7 @@ def is_adapter_dir(path) -> bool:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights under PEFT's keys."""
-    return {PEFT_PREFIX + name: p.detach() for name, p in model.named_parameters()
-            if ".lora_A." in name or ".lora_B." in name}
+    return {PEFT_PREFIX + name: p.detach() for name, p in model.named_parameters() if is_lora_name(name)}
 
 
 def peft_config_dict(config: HyCLoRAConfig, base_model_name_or_path: str | None, task_type: str) -> dict:

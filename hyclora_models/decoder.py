@@ -22,21 +22,22 @@ Everything here is torch; the fused Triton producers/consumers are the performan
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .compression import compress
-from .lora import LoRALinear, _new_seed, seeded_dropout
+from .lora import LoRALinear, _new_seed, is_lora_name, seeded_dropout
 from .modeling_utils import hyclora_config_of
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 ATTN = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
@@ -214,23 +215,17 @@ def _rng_state(device):
     return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-class _replayed_rng:
+@contextmanager
+def _replayed_rng(device, state):
     """Within the block the RNG starts from ``state`` (and is restored after); a no-op for None."""
-
-    def __init__(self, device, state):
-        self.device, self.state = device, state
-
-    def __enter__(self):
-        if self.state is not None:
-            self.fork = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-            self.fork.__enter__()
-            torch.set_rng_state(self.state[0])
-            if self.state[1] is not None:
-                torch.cuda.set_rng_state(self.state[1], self.device)
-
-    def __exit__(self, *exc):
-        if self.state is not None:
-            self.fork.__exit__(*exc)
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _flatten_saved(saved):
@@ -312,7 +307,6 @@ class HyCDecoderLayerMixin:
     memory mode instead, so the input is kept once, compressed, and never also checkpointed."""
 
     memory_mode = False
-    _warned_cache = False
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -340,7 +334,7 @@ class HyCDecoderLayerMixin:
     def _runs_fused(self, x, past_key_values) -> bool:
         if not (self.training and torch.is_grad_enabled()):
             return False
-        if any(p.requires_grad for n, p in self.named_parameters() if ".lora_" not in n):
+        if any(p.requires_grad for n, p in self.named_parameters() if not is_lora_name(n)):
             return False  # a trainable base weight needs autograd's own graph
         if past_key_values is not None and past_key_values.get_seq_length(self.self_attn.layer_idx) > 0:
             return False  # attention over an earlier cache: the standard layer
@@ -352,9 +346,8 @@ class HyCDecoderLayerMixin:
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, use_cache=use_cache,
                                    position_embeddings=position_embeddings, **kwargs)
-        if past_key_values is not None and not HyCDecoderLayerMixin._warned_cache:
-            HyCDecoderLayerMixin._warned_cache = True
-            logger.warning("HyC training layers do not fill the KV cache (as with gradient checkpointing); "
+        if past_key_values is not None:
+            logger.warning_once("HyC training layers do not fill the KV cache (as with gradient checkpointing); "
                            "pass use_cache=False in training to silence this.")
         cfg = hyclora_config_of(self.self_attn.config)
         opts = cfg.compression_kwargs()

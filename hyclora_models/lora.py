@@ -140,10 +140,16 @@ def inject_lora(model: nn.Module, config: HyCLoRAConfig) -> list[str]:
     return replaced
 
 
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter name (``named_parameters()``) is an adapter weight."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def freeze_base(model: nn.Module) -> None:
     """Only the adapters train (loading a checkpoint brings fresh Parameters: call again after it)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        p.requires_grad_(is_lora_name(name))
 
 
-__all__ = ["LoRALinear", "inject_lora", "freeze_base", "init_lora_weights", "init_missing_lora", "seeded_dropout"]
+__all__ = ["LoRALinear", "inject_lora", "is_lora_name", "freeze_base", "init_lora_weights", "init_missing_lora",
+           "seeded_dropout"]
