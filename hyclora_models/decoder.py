@@ -133,6 +133,18 @@ class _Step:
                                                      scaling=attn.scaling, **self.attn_kwargs)
         return out.reshape(*out.shape[:2], -1)
 
+    def _project(self, names, h, saved: list | None):
+        """The outputs of projections ``names`` of ``h``; into ``saved`` (unless None) each one's base output
+        compressed and its x A."""
+        outs = []
+        for name in names:
+            p = self.projs[name]
+            main, xa = p.main(h), p.xa(h)
+            if saved is not None:
+                saved += [compress(main, **self.plain), xa]
+            outs.append(p.add_lora(main, xa))
+        return outs
+
     def forward(self, x, keep: bool):
         """The layer's output; with ``keep``, also the list of what backward needs (see the module doc)."""
         L, P = self.layer, self.projs
@@ -141,13 +153,8 @@ class _Step:
         if keep:
             saved += [compress(x, **self.with_outliers), rstd1]
         del rstd1
-        qkv = []
-        for name in ATTN:
-            main, xa = P[name].main(h1), P[name].xa(h1)
-            if keep:
-                saved += [compress(main, **self.plain), xa]
-            qkv.append(P[name].add_lora(main, xa))
-        del h1, main
+        qkv = self._project(ATTN, h1, saved if keep else None)
+        del h1
         attn_out = self.attention(*qkv)
         del qkv
         xa = P["o_proj"].xa(attn_out)
@@ -159,13 +166,8 @@ class _Step:
         if keep:
             saved += [compress(x_mid, **self.with_outliers), rstd2]
         del rstd2
-        gate_up = []
-        for name in MLP_IN:
-            main, xa = P[name].main(h2), P[name].xa(h2)
-            if keep:
-                saved += [compress(main, **self.plain), xa]
-            gate_up.append(P[name].add_lora(main, xa))
-        del h2, main
+        gate_up = self._project(MLP_IN, h2, saved if keep else None)
+        del h2
         m = L.mlp.act_fn(gate_up[0]) * gate_up[1]
         del gate_up
         xa = P["down_proj"].xa(m)

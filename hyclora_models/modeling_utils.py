@@ -8,7 +8,7 @@ from transformers import PretrainedConfig
 
 from . import adapter as A
 from .config import HyCLoRAConfig
-from .lora import freeze_base, init_missing_lora
+from .lora import freeze_base, init_missing_lora, inject_lora
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
@@ -19,10 +19,20 @@ def hyclora_config_of(config) -> HyCLoRAConfig:
 
 class HyCPreTrainedMixin:
     """Mixed in before a transformers ``*PreTrainedModel`` subclass. The class sets ``config_class`` (the
-    HyC config) and ``base_model_type`` (e.g. "llama")."""
+    HyC config), ``base_model_type`` (e.g. "llama") and, for decoders, ``decoder_layer_class`` (the fused
+    layer its ``model.layers`` become)."""
 
     base_model_type: str
+    decoder_layer_class: type | None = None
     peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, config):
+        super().__init__(config)
+        if self.decoder_layer_class is not None:
+            from .decoder import adopt_layers
+
+            adopt_layers(self.model.layers, self.decoder_layer_class)
+        inject_lora(self, hyclora_config_of(config))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, hyclora_config=None, config=None,

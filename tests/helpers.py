@@ -94,6 +94,20 @@ def assert_matches_peft(hyc, peft, b):
     return lh
 
 
+def eval_logits(model, b):
+    with torch.no_grad():
+        return model.eval()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+def assert_eval_and_generate_match_peft(hyc, peft, b, new_tokens):
+    """In eval the logits on ``b`` equal PEFT's, and greedy generate() (KV cache) gives the same tokens."""
+    torch.testing.assert_close(eval_logits(hyc, b), eval_logits(peft, b))
+    ids = b["input_ids"][:1]
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    out_h, out_p = hyc.generate(input_ids=ids, **kw), peft.generate(input_ids=ids, **kw)
+    assert torch.equal(out_h, out_p) and out_h.shape[1] == ids.shape[1] + new_tokens
+
+
 def decoder_layers(model):
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 

@@ -5,20 +5,14 @@ import json
 import pytest
 import torch
 
-import hyclora_models as H
 from hyclora_models.modeling_utils import hyclora_config_of
 
-from .helpers import ARCHS, batch, hyc_and_peft, save_tiny
+from .helpers import ARCHS, batch, eval_logits, hyc_and_peft, save_tiny
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
 def tiny(request, tmp_path_factory):
     return request.param, save_tiny(tmp_path_factory.mktemp(request.param), arch=request.param)
-
-
-def _logits(model, b):
-    with torch.no_grad():
-        return model.eval()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
 
 
 def test_saved_adapter_loads_in_peft(tiny, tmp_path):
@@ -33,7 +27,7 @@ def test_saved_adapter_loads_in_peft(tiny, tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(path) and cfg["r"] == 5
     assert str(path) in (tmp_path / "README.md").read_text()
     peft = PeftModel.from_pretrained(ARCHS[arch][1].from_pretrained(path), tmp_path)
-    torch.testing.assert_close(_logits(peft, batch()), _logits(hyc, batch()))
+    torch.testing.assert_close(eval_logits(peft, batch()), eval_logits(hyc, batch()))
 
 
 def test_peft_adapter_loads_in_hyc(tiny, tmp_path):
@@ -41,7 +35,7 @@ def test_peft_adapter_loads_in_hyc(tiny, tmp_path):
     _, peft = hyc_and_peft(path, bits=16, arch=arch)
     peft.save_pretrained(tmp_path)
     hyc = ARCHS[arch][2].from_pretrained(tmp_path, hyclora_config=dict(r=5, lora_alpha=7, bits=2))
-    torch.testing.assert_close(_logits(hyc, batch()), _logits(peft, batch()))
+    torch.testing.assert_close(eval_logits(hyc, batch()), eval_logits(peft, batch()))
     assert hyclora_config_of(hyc.config).bits == 2
     assert all(p.requires_grad == (".lora_" in n) for n, p in hyc.named_parameters())  # ready to train
 

@@ -4,9 +4,8 @@ layer of ``hyclora_models.decoder`` (METHOD.md), with LoRA on any subset of q/k/
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from ..decoder import HyCDecoderLayerMixin, adopt_layers
-from ..lora import inject_lora
-from ..modeling_utils import HyCPreTrainedMixin, hyclora_config_of
+from ..decoder import HyCDecoderLayerMixin
+from ..modeling_utils import HyCPreTrainedMixin
 from .configuration_hyc_llama import HyCLlamaConfig
 
 
@@ -18,8 +17,4 @@ class HyCLlamaForCausalLM(HyCPreTrainedMixin, LlamaForCausalLM):
     config_class = HyCLlamaConfig
     config: HyCLlamaConfig
     base_model_type = "llama"
-
-    def __init__(self, config: HyCLlamaConfig):
-        super().__init__(config)
-        adopt_layers(self.model.layers, HyCLlamaDecoderLayer)
-        inject_lora(self, hyclora_config_of(config))
+    decoder_layer_class = HyCLlamaDecoderLayer

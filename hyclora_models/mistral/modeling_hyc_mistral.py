@@ -4,9 +4,8 @@ attention passes to the attention function (and its model folds into the mask)."
 from transformers import MistralForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-from ..decoder import HyCDecoderLayerMixin, adopt_layers
-from ..lora import inject_lora
-from ..modeling_utils import HyCPreTrainedMixin, hyclora_config_of
+from ..decoder import HyCDecoderLayerMixin
+from ..modeling_utils import HyCPreTrainedMixin
 from .configuration_hyc_mistral import HyCMistralConfig
 
 
@@ -19,8 +18,4 @@ class HyCMistralForCausalLM(HyCPreTrainedMixin, MistralForCausalLM):
     config_class = HyCMistralConfig
     config: HyCMistralConfig
     base_model_type = "mistral"
-
-    def __init__(self, config: HyCMistralConfig):
-        super().__init__(config)
-        adopt_layers(self.model.layers, HyCMistralDecoderLayer)
-        inject_lora(self, hyclora_config_of(config))
+    decoder_layer_class = HyCMistralDecoderLayer

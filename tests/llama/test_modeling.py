@@ -8,8 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 
 import hyclora_models as H
 
-from ..helpers import (TARGETS, TINY, assert_matches_peft, batch, cosines, decoder_layers, hyc_and_peft,
-                       layer_saved_bytes, loss_and_grads, save_tiny_llama)
+from ..helpers import (TARGETS, TINY, assert_eval_and_generate_match_peft, assert_matches_peft, batch, cosines,
+                       decoder_layers, hyc_and_peft, layer_saved_bytes, loss_and_grads, save_tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +124,7 @@ def test_subset_of_targets_and_rslora(tiny):
 
 def test_eval_and_generate_match_peft(tiny):
     hyc, peft = hyc_and_peft(tiny, bits=2)
-    hyc.eval()
-    peft.eval()
-    b = batch()
-    with torch.no_grad():
-        torch.testing.assert_close(hyc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                   peft(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
-    ids = b["input_ids"][:1]
-    out_h = hyc.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    out_p = peft.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(out_h, out_p) and out_h.shape[1] == ids.shape[1] + 5
+    assert_eval_and_generate_match_peft(hyc, peft, batch(), new_tokens=5)
 
 
 def test_loading_a_standard_checkpoint(tiny):

@@ -9,8 +9,8 @@ import hyclora_models as H
 from hyclora_models.decoder import predicted_saved_bytes
 from hyclora_models.modeling_utils import hyclora_config_of
 
-from ..helpers import (TINY, assert_matches_peft, batch, cosines, hyc_and_peft, layer_saved_bytes, loss_and_grads,
-                       save_tiny)
+from ..helpers import (TINY, assert_eval_and_generate_match_peft, assert_matches_peft, batch, cosines, hyc_and_peft,
+                       layer_saved_bytes, loss_and_grads, save_tiny)
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +57,7 @@ def test_saved_bytes_follow_method(tmp_path):
 
 def test_eval_and_generate_match_peft(tiny):
     hyc, peft = hyc_and_peft(tiny, bits=2, arch="mistral")
-    hyc.eval()
-    peft.eval()
-    b = batch(length=13)
-    with torch.no_grad():
-        torch.testing.assert_close(hyc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                   peft(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
-    ids = b["input_ids"][:1]
-    out_h = hyc.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    out_p = peft.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(out_h, out_p)
+    assert_eval_and_generate_match_peft(hyc, peft, batch(length=13), new_tokens=6)
 
 
 def test_loading_registration_and_wrong_checkpoint(tiny, tmp_path):
