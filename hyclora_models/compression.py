@@ -136,7 +136,6 @@ def compress(x: torch.Tensor, bits: int = 2, outlier_ratio: float = 0.005, group
     shape = x.shape
     c = shape[-1] if x.dim() else 1
     x2 = x.reshape(-1, c).contiguous()
-    n = x2.shape[0]
     k = min(c, math.ceil(outlier_ratio * c))
     per_channel = group_size == "channel"
     chan_zero = chan_scale = None
