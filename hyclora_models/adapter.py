@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import HyCLoRAConfig
-from .lora import is_lora_name
+from .lora import adapter_parameters
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -32,25 +32,28 @@ def is_adapter_dir(path) -> bool:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's keys."""
-    return {PEFT_PREFIX + name: p.detach() for name, p in model.named_parameters() if is_lora_name(name)}
+    """The adapter weights under PEFT's keys: LoRA as ``base_model.model.<module>.lora_A.weight``, task
+    heads (modules_to_save) as ``base_model.model.<head>.<param>``."""
+    return {PEFT_PREFIX + name: p.detach() for name, p in adapter_parameters(model).items()}
 
 
-def peft_config_dict(config: HyCLoRAConfig, base_model_name_or_path: str | None, task_type: str) -> dict:
+def peft_config_dict(config: HyCLoRAConfig, base_model_name_or_path: str | None, task_type: str | None,
+                     modules_to_save=()) -> dict:
     d = {k: getattr(config, k) for k in _PEFT_FIELDS}
     return dict(peft_type="LORA", task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-                revision=None, bias="none", fan_in_fan_out=False, modules_to_save=None, init_lora_weights=True,
+                revision=None, bias="none", fan_in_fan_out=False, modules_to_save=list(modules_to_save) or None,
+                init_lora_weights=True,
                 inference_mode=True, layers_to_transform=None, layers_pattern=None, rank_pattern={},
                 alpha_pattern={}, **d)
 
 
 def save_adapter(model: nn.Module, directory, config: HyCLoRAConfig, base_model_name_or_path: str | None,
-                 task_type: str) -> Path:
+                 task_type: str | None) -> Path:
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    peft = peft_config_dict(config, base_model_name_or_path, task_type)
+    peft = peft_config_dict(config, base_model_name_or_path, task_type, getattr(model, "trainable_modules", ()))
     (directory / ADAPTER_CONFIG).write_text(json.dumps(peft, indent=2) + "\n")
     (directory / HYC_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     weights = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
@@ -85,9 +88,8 @@ def read_adapter_config(directory) -> tuple[dict, HyCLoRAConfig]:
     peft = json.loads((directory / ADAPTER_CONFIG).read_text())
     if peft.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory / ADAPTER_CONFIG}: peft_type {peft['peft_type']!r}; only LORA adapters load")
-    if peft.get("modules_to_save") or peft.get("rank_pattern") or peft.get("alpha_pattern"):
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: modules_to_save / rank_pattern / alpha_pattern "
-                         "are not supported")
+    if peft.get("rank_pattern") or peft.get("alpha_pattern"):
+        raise ValueError(f"{directory / ADAPTER_CONFIG}: rank_pattern / alpha_pattern are not supported")
     if (directory / HYC_CONFIG).is_file():
         hyc = HyCLoRAConfig.from_any(json.loads((directory / HYC_CONFIG).read_text()))
     else:
@@ -99,7 +101,7 @@ def read_adapter_config(directory) -> tuple[dict, HyCLoRAConfig]:
 
 
 def load_adapter_weights(model: nn.Module, directory) -> None:
-    """Copy the adapter file's weights into the model's LoRA parameters; every adapter weight of the model
+    """Copy the adapter file's weights into the model's adapter parameters (LoRA and task heads); every one
     must be in the file with its shape, and the file must hold nothing else."""
     from safetensors.torch import load_file
 

@@ -112,7 +112,7 @@ def init_missing_lora(model: nn.Module, missing_keys: set[str]) -> None:
                     init_lora_weights(getattr(module, sub))
 
 
-def _matches(name: str, target: str) -> bool:
+def matches_target(name: str, target: str) -> bool:
     """PEFT's rule for a list of target names: the module name equals the target or ends with '.target'."""
     return name == target or name.endswith("." + target)
 
@@ -121,9 +121,10 @@ def inject_lora(model: nn.Module, config: HyCLoRAConfig) -> list[str]:
     """Replace every nn.Linear whose name matches ``config.target_modules`` with a LoRALinear; freeze all
     but the adapters. Returns the replaced module names; a target that matches nothing is an error."""
     replaced, hit = [], set()
+    heads = _head_prefixes(model)
     for name, module in list(model.named_modules()):
-        targets = [t for t in config.target_modules if _matches(name, t)]
-        if not targets or isinstance(module, LoRALinear):
+        targets = [t for t in config.target_modules if matches_target(name, t)]
+        if not targets or isinstance(module, LoRALinear) or name.startswith(heads):  # heads train whole, as in PEFT
             continue
         if type(module) is not nn.Linear:
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA supports nn.Linear here")
@@ -141,15 +142,28 @@ def inject_lora(model: nn.Module, config: HyCLoRAConfig) -> list[str]:
 
 
 def is_lora_name(name: str) -> bool:
-    """Whether a parameter name (``named_parameters()``) is an adapter weight."""
+    """Whether a parameter name (``named_parameters()``) is a LoRA weight."""
     return ".lora_A." in name or ".lora_B." in name
 
 
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``model.trainable_modules`` (task heads trained whole, PEFT's modules_to_save) as name prefixes."""
+    return tuple(f"{m}." for m in getattr(model, "trainable_modules", ()))
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What the adapter trains and saves: the LoRA weights and the task heads' parameters (a weight tied to
+    one outside the head, such as a masked-LM decoder tied to the embeddings, stays frozen)."""
+    heads = _head_prefixes(model)
+    return {n: p for n, p in model.named_parameters() if is_lora_name(n) or n.startswith(heads)}
+
+
 def freeze_base(model: nn.Module) -> None:
-    """Only the adapters train (loading a checkpoint brings fresh Parameters: call again after it)."""
+    """Only the adapter trains (loading a checkpoint brings fresh Parameters: call again after it)."""
+    trained = set(adapter_parameters(model))
     for name, p in model.named_parameters():
-        p.requires_grad_(is_lora_name(name))
+        p.requires_grad_(name in trained)
 
 
-__all__ = ["LoRALinear", "inject_lora", "is_lora_name", "freeze_base", "init_lora_weights", "init_missing_lora",
+__all__ = ["LoRALinear", "adapter_parameters", "inject_lora", "is_lora_name", "matches_target", "freeze_base", "init_lora_weights", "init_missing_lora",
            "seeded_dropout"]

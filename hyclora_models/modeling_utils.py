@@ -19,19 +19,21 @@ def hyclora_config_of(config) -> HyCLoRAConfig:
 
 class HyCPreTrainedMixin:
     """Mixed in before a transformers ``*PreTrainedModel`` subclass. The class sets ``config_class`` (the
-    HyC config), ``base_model_type`` (e.g. "llama") and, for decoders, ``decoder_layer_class`` (the fused
-    layer its ``model.layers`` become)."""
+    HyC config), ``base_model_type`` (e.g. "llama"), ``layer_class`` (the fused layer that the layers at
+    ``layers_path`` become), ``peft_task_type`` and ``trainable_modules`` (task heads trained whole and
+    saved with the adapter, PEFT's modules_to_save)."""
 
     base_model_type: str
-    decoder_layer_class: type | None = None
-    peft_task_type = "CAUSAL_LM"
+    layer_class: type
+    layers_path = "model.layers"
+    peft_task_type: str | None = "CAUSAL_LM"
+    trainable_modules: tuple[str, ...] = ()
 
     def __init__(self, config):
         super().__init__(config)
-        if self.decoder_layer_class is not None:
-            from .decoder import adopt_layers
+        from .fused import adopt_layers
 
-            adopt_layers(self.model.layers, self.decoder_layer_class)
+        adopt_layers(self.get_submodule(self.layers_path), self.layer_class)
         inject_lora(self, hyclora_config_of(config))
 
     @classmethod

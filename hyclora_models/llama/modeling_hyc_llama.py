@@ -17,4 +17,4 @@ class HyCLlamaForCausalLM(HyCPreTrainedMixin, LlamaForCausalLM):
     config_class = HyCLlamaConfig
     config: HyCLlamaConfig
     base_model_type = "llama"
-    decoder_layer_class = HyCLlamaDecoderLayer
+    layer_class = HyCLlamaDecoderLayer

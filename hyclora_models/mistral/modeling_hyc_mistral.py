@@ -18,4 +18,4 @@ class HyCMistralForCausalLM(HyCPreTrainedMixin, MistralForCausalLM):
     config_class = HyCMistralConfig
     config: HyCMistralConfig
     base_model_type = "mistral"
-    decoder_layer_class = HyCMistralDecoderLayer
+    layer_class = HyCMistralDecoderLayer
