@@ -113,6 +113,14 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}{hint}")
     weights = load_file(path)
     params = lora_state_dict(model)
+    trained = list(adapter_parameters(model).values())
+    aliases = {PEFT_PREFIX + n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    for key in set(weights) - set(params):
+        # PEFT also saves a head's tied weights: an alias of an adapter parameter (a masked-LM decoder's bias)
+        # or an unchanged frozen one (its decoder weight, tied to the embeddings) carries nothing new
+        p = aliases.get(key)
+        if p is not None and (any(p is q for q in trained) or torch.equal(weights[key], p.detach().cpu())):
+            del weights[key]
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
         raise ValueError(f"adapter {directory} does not fit {type(model).__name__}: "

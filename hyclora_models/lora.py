@@ -103,13 +103,9 @@ def init_lora_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.weight)
 
 
-def init_missing_lora(model: nn.Module, missing_keys: set[str]) -> None:
-    """Initialise the adapter weights named in ``missing_keys`` (those a checkpoint did not hold)."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            for sub in ("lora_A", "lora_B"):
-                if f"{name}.{sub}.weight" in missing_keys:
-                    init_lora_weights(getattr(module, sub))
+def is_lora_module(module: nn.Module) -> bool:
+    """Whether ``module`` is an adapter matrix (the lora_A / lora_B child of a LoRALinear)."""
+    return getattr(module, _LORA_ROLE, None) is not None
 
 
 def matches_target(name: str, target: str) -> bool:
@@ -165,5 +161,5 @@ def freeze_base(model: nn.Module) -> None:
         p.requires_grad_(name in trained)
 
 
-__all__ = ["LoRALinear", "adapter_parameters", "inject_lora", "is_lora_name", "matches_target", "freeze_base", "init_lora_weights", "init_missing_lora",
+__all__ = ["LoRALinear", "adapter_parameters", "inject_lora", "is_lora_name", "matches_target", "freeze_base", "init_lora_weights", "is_lora_module",
            "seeded_dropout"]

@@ -4,13 +4,23 @@ initialising adapters that a checkpoint does not hold, and saving the adapter in
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from functools import partial
+
+from transformers import PretrainedConfig, PreTrainedModel
 
 from . import adapter as A
 from .config import HyCLoRAConfig
-from .lora import freeze_base, init_missing_lora, inject_lora
+from .lora import freeze_base, init_lora_weights, inject_lora, is_lora_module
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def _lora_aware_init(init_weights, module):
+    """PEFT's initialisation for adapter matrices (A Kaiming-uniform, B = 0), transformers' for the rest."""
+    if is_lora_module(module):
+        init_lora_weights(module)
+    else:
+        init_weights(module)
 
 
 def hyclora_config_of(config) -> HyCLoRAConfig:
@@ -28,13 +38,26 @@ class HyCPreTrainedMixin:
     layers_path = "model.layers"
     peft_task_type: str | None = "CAUSAL_LM"
     trainable_modules: tuple[str, ...] = ()
+    default_target_modules: tuple[str, ...] | None = None  # None: HyCLoRAConfig's default (Llama's names)
+
+    @classmethod
+    def default_hyclora_config(cls) -> HyCLoRAConfig:
+        targets = cls.default_target_modules
+        return HyCLoRAConfig(target_modules=list(targets)) if targets else HyCLoRAConfig()
 
     def __init__(self, config):
+        if getattr(config, "hyclora_config", None) is None:
+            config.hyclora_config = self.default_hyclora_config().to_dict()
         super().__init__(config)
         from .fused import adopt_layers
 
         adopt_layers(self.get_submodule(self.layers_path), self.layer_class)
         inject_lora(self, hyclora_config_of(config))
+        # transformers initialises the weights a checkpoint lacks with the _init_weights of the innermost
+        # PreTrainedModel holding them (e.g. LlamaModel's: normal, std 0.02): adapters get PEFT's init instead
+        for sub in self.modules():
+            if isinstance(sub, PreTrainedModel):
+                sub._init_weights = partial(_lora_aware_init, sub._init_weights)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, hyclora_config=None, config=None,
@@ -67,16 +90,17 @@ class HyCPreTrainedMixin:
                              f"{pretrained_model_name_or_path} has model_type {model_type!r}")
         if not isinstance(config, cls.config_class):
             config = cls.config_class.from_dict(raw)
-        if hyclora_config is not None or getattr(config, "hyclora_config", None) is None:
+        if hyclora_config is not None:
             config.hyclora_config = HyCLoRAConfig.from_any(hyclora_config).to_dict()
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, config=config,
-                                              output_loading_info=True, **kwargs)
-        # transformers initialises missing weights with each sub-model's own _init_weights (normal, std 0.02):
-        # give every adapter weight the checkpoint lacked PEFT's initialisation instead (B = 0).
-        init_missing_lora(model, set(info["missing_keys"]))
-        freeze_base(model)
-        return (model, info) if want_info else model
+        elif getattr(config, "hyclora_config", None) is None:
+            config.hyclora_config = cls.default_hyclora_config().to_dict()
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+        freeze_base(model[0] if isinstance(model, tuple) else model)
+        return model
+
+    # A standard checkpoint holds no adapter: not worth a "MISSING" line per weight in transformers' load
+    # report. transformers still initialises them, through _init_weights (see _lora_aware_init).
+    _keys_to_ignore_on_load_missing = [r"\.lora_[AB]\."]
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
         """Write the adapter only (PEFT's format, see ``hyclora_models.adapter``), not the frozen base

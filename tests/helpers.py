@@ -1,8 +1,9 @@
-"""Tiny vanilla causal LMs (Llama, Mistral) on disk, and HyC / PEFT twins of them with the same adapter
-weights."""
+"""Tiny vanilla models (Llama, Mistral causal LMs; RoBERTa for sequence classification and masked LM) on
+disk, and HyC / PEFT twins of them with the same adapter weights."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, RobertaConfig,
+                          RobertaForMaskedLM, RobertaForSequenceClassification)
 
 import hyclora_models as H
 from hyclora_models.memory import saved_bytes_for_backward
@@ -13,11 +14,19 @@ TINY = dict(vocab_size=101, hidden_size=60, intermediate_size=97, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 
 
+ROBERTA_TARGETS = ["query", "key", "value", "dense"]
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
 # arch: (vanilla config, vanilla model, HyC model, arch-specific config entries)
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, H.HyCLlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, H.HyCMistralForCausalLM, dict(sliding_window=4)),  # < length
+    "roberta-cls": (RobertaConfig, RobertaForSequenceClassification, H.HyCRobertaForSequenceClassification,
+                    dict(num_labels=3, **_NO_DROPOUT)),
+    "roberta-mlm": (RobertaConfig, RobertaForMaskedLM, H.HyCRobertaForMaskedLM, _NO_DROPOUT),
 }
+# PEFT's settings for each arch's task head
+PEFT_TASK = {"roberta-cls": dict(task_type="SEQ_CLS"), "roberta-mlm": dict(modules_to_save=["lm_head"])}
 
 
 def save_tiny(path, arch="llama", **overrides):
@@ -31,34 +40,51 @@ def save_tiny(path, arch="llama", **overrides):
 save_tiny_llama = save_tiny
 
 
-def batch(seed=0, n=3, length=11, vocab=101):
+def batch(seed=0, n=3, length=11, vocab=101, arch="llama"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (n, length), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
     mask[2, -3:] = 0  # right padding
     ids = ids.masked_fill(mask == 0, 0)
-    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    labels = ids.masked_fill(mask == 0, -100)
+    if arch == "roberta-cls":
+        labels = torch.arange(n) % 3
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def peft_name(name):
+    """PEFT's name of a HyC adapter parameter: LoRA ``X.lora_A.weight`` -> ``X.lora_A.default.weight``,
+    a task head's ``classifier.dense.weight`` -> ``classifier.modules_to_save.default.dense.weight``."""
+    if ".lora_" in name:
+        return "base_model.model." + name.replace(".weight", ".default.weight")
+    head, _, rest = name.partition(".")
+    return f"base_model.model.{head}.modules_to_save.default.{rest}"
 
 
 def hyc_and_peft(path, bits, r=5, alpha=7, targets=TARGETS, attn="sdpa", device="cpu", arch="llama", **cfg):
-    """HyC and PEFT models on the same base weights, with the same random (non-zero) adapters."""
+    """HyC and PEFT models on the same base weights, with the same random (non-zero) adapters (and task
+    heads, which both train whole)."""
     from peft import LoraConfig, get_peft_model
 
     _, vanilla_cls, hyc_cls, _ = ARCHS[arch]
+    if targets is TARGETS and arch.startswith("roberta"):
+        targets = ROBERTA_TARGETS
     hyc = hyc_cls.from_pretrained(path, attn_implementation=attn, hyclora_config=H.HyCLoRAConfig(
         r=r, lora_alpha=alpha, target_modules=targets, bits=bits, **cfg)).to(device)
     peft = get_peft_model(vanilla_cls.from_pretrained(path, attn_implementation=attn),
-                          LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)).to(device)
+                          LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                                     **PEFT_TASK.get(arch, {}))).to(device)
     g = torch.Generator().manual_seed(1)
     peft_params = dict(peft.named_parameters())
+    trained = {peft_name(n) for n, p in hyc.named_parameters() if p.requires_grad}
+    for name, p in peft_params.items():
+        p.requires_grad_(name in trained)  # PEFT's copy of a masked-LM head unties (and trains) the decoder
     for name, p in hyc.named_parameters():
         if p.requires_grad:
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            key = "base_model.model." + name.replace(".weight", ".default.weight")
-            with torch.no_grad():
-                peft_params[key].copy_(p)
+                peft_params[peft_name(name)].copy_(p)
     return hyc.train(), peft.train()
 
 
@@ -66,7 +92,8 @@ def lora_grads(model):
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            out[name.replace("base_model.model.", "").replace(".default", "")] = p.grad.detach().clone()
+            name = name.replace("base_model.model.", "").replace(".modules_to_save.default", "")
+            out[name.replace(".default", "")] = p.grad.detach().clone()
     return out
 
 
@@ -108,10 +135,11 @@ def assert_eval_and_generate_match_peft(hyc, peft, b, new_tokens):
     assert torch.equal(out_h, out_p) and out_h.shape[1] == ids.shape[1] + new_tokens
 
 
-def decoder_layers(model):
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+def model_layers(model):
+    """The transformer layers (decoder or encoder; fused or, in a PEFT model, transformers' own)."""
+    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "RobertaLayer"))]
 
 
 def layer_saved_bytes(model, b):
-    """Bytes the decoder layers save for backward in one step on batch ``b``."""
-    return saved_bytes_for_backward(lambda: loss_and_grads(model, b), decoder_layers(model))
+    """Bytes the transformer layers save for backward in one step on batch ``b``."""
+    return saved_bytes_for_backward(lambda: loss_and_grads(model, b), model_layers(model))

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 import hyclora_models as H
 
 from ..helpers import (TARGETS, TINY, assert_eval_and_generate_match_peft, assert_matches_peft, batch, cosines,
-                       decoder_layers, hyc_and_peft, layer_saved_bytes, loss_and_grads, save_tiny_llama)
+                       model_layers, hyc_and_peft, layer_saved_bytes, loss_and_grads, save_tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,14 @@ def test_gradient_checkpointing_selects_memory_mode(tiny):
     hyc, peft = hyc_and_peft(tiny, bits=16)
     hyc.gradient_checkpointing_enable()
     assert hyc.is_activation_checkpointing if hasattr(hyc, "is_activation_checkpointing") else hyc.is_gradient_checkpointing
-    assert all(layer.memory_mode for layer in decoder_layers(hyc))
+    assert all(layer.memory_mode for layer in model_layers(hyc))
     assert_matches_peft(hyc, peft, batch())
     # the layers keep only their input (x, exact at 16 bits): nothing also checkpointed
     b = batch()
     x_bytes = b["input_ids"].numel() * TINY["hidden_size"] * 4
     assert layer_saved_bytes(hyc, b) == TINY["num_hidden_layers"] * x_bytes
     hyc.gradient_checkpointing_disable()
-    assert not any(layer.memory_mode for layer in decoder_layers(hyc))
+    assert not any(layer.memory_mode for layer in model_layers(hyc))
 
 
 def test_packed_sequences_equal_peft(tiny):
@@ -86,7 +86,7 @@ def test_backward_matches_forward_with_dropout(tiny, mode):
     finite difference of the loss, each forward replaying the same masks (same seed): the regenerated
     masks in backward are the forward's."""
     hyc, _ = hyc_and_peft(tiny, bits=16, lora_dropout=0.3, mode=mode)
-    for layer in decoder_layers(hyc):
+    for layer in model_layers(hyc):
         layer.self_attn.attention_dropout = 0.2
     params = [p for p in hyc.parameters() if p.requires_grad]
     b = batch()
