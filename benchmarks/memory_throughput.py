@@ -1,6 +1,8 @@
 """Peak GPU memory and tokens/s of a LoRA training step: HyC (speed and memory mode) against PEFT LoRA
 (with and without gradient checkpointing), same shapes, same attention backend (SDPA), random bf16
-weights, LoRA r16 / alpha 32 on all 7 projections, AdamW on the adapters.
+weights, LoRA r16 / alpha 32 on all 7 projections of the decoders (Llama, Mistral: causal LM) or on
+query/key/value/dense of RoBERTa (sequence classification, 2 labels, the classifier trained; default
+dropout 0.1), AdamW on what trains.
 
 Each method runs in its own process (a clean peak). Peak memory is reset after the model is built;
 activation_gib = peak - memory held after the build (weights). tokens/s from the median step after
@@ -25,13 +27,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_records  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# architecture: (transformers name, task class suffix, LoRA targets)
+ARCHS = {
+    "llama": ("Llama", "ForCausalLM", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "mistral": ("Mistral", "ForCausalLM", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "roberta": ("Roberta", "ForSequenceClassification", ["query", "key", "value", "dense"]),
+}
 SHAPES = {  # (architecture, config)
     "llama-2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192)),
     "mistral-7b": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                                    sliding_window=4096)),
+    "roberta-base": ("roberta", dict(vocab_size=50265, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, max_position_embeddings=514, type_vocab_size=1,
+                                     num_labels=2)),
 }
 METHODS = ("peft", "peft+gc", "hyc-speed", "hyc-memory")
 
@@ -41,21 +51,21 @@ def build(method: str, arch: str, shape: dict, bits: int):
 
     import hyclora_models as H
 
-    name = {"llama": "Llama", "mistral": "Mistral"}[arch]
+    name, task, targets = ARCHS[arch]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
             if method.startswith("hyc"):
-                hyc = H.HyCLoRAConfig(r=16, lora_alpha=32, target_modules=TARGETS, bits=bits)
+                hyc = H.HyCLoRAConfig(r=16, lora_alpha=32, target_modules=targets, bits=bits)
                 config = getattr(H, f"HyC{name}Config")(**shape, hyclora_config=hyc.to_dict())
-                model = getattr(H, f"HyC{name}ForCausalLM")(config)
+                model = getattr(H, f"HyC{name}{task}")(config)
             else:
                 from peft import LoraConfig, get_peft_model
 
-                vanilla = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**shape))
-                model = get_peft_model(vanilla,
-                                       LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+                vanilla = getattr(transformers, f"{name}{task}")(getattr(transformers, f"{name}Config")(**shape))
+                model = get_peft_model(vanilla, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0,
+                                                           task_type="SEQ_CLS" if arch == "roberta" else None))
     finally:
         torch.set_default_dtype(torch.float32)
     model.config._attn_implementation = "sdpa"
@@ -72,10 +82,12 @@ def measure(method: str, bits: int, args) -> dict:
     model = build(method, arch, shape, bits)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device="cuda")
+    ids = torch.randint(3, shape["vocab_size"], (args.batch, args.seq), device="cuda")
+    labels = torch.randint(0, 2, (args.batch,), device="cuda") if arch == "roberta" else ids
+    kwargs = {} if arch == "roberta" else dict(use_cache=False)
 
     def step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(input_ids=ids, labels=labels, **kwargs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -98,7 +110,7 @@ def measure(method: str, bits: int, args) -> dict:
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
         Path(args.out, f"profile_{method}_{bits}.txt").write_text(table)
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    layers = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "RobertaLayer"))]
     # torch's checkpoint keeps its inputs through its own saved-tensor hooks, out of reach of ours
     saved = None if method == "peft+gc" else saved_bytes_for_backward(step, layers)
     step_s = statistics.median(times[args.warmup:])
