@@ -23,8 +23,14 @@ from .lora import is_lora_name
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HYC_CONFIG = "hyclora_config.json"
+MODEL_CARD = "README.md"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HYC_CONFIG, MODEL_CARD)  # what save_adapter writes
+PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD)  # the same less our side file
 PEFT_PREFIX = "base_model.model."
 _PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+# PEFT LoraConfig fields that change what the adapter is beyond plain LoRA on every target (bias: != "none")
+_NOT_PLAIN = ("modules_to_save", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "fan_in_fan_out",
+              "layers_to_transform", "layer_replication", "trainable_token_indices", "target_parameters")
 
 
 def is_adapter_dir(path) -> bool:
@@ -55,7 +61,7 @@ def save_adapter(model: nn.Module, directory, config: HyCLoRAConfig, base_model_
     (directory / HYC_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     weights = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(weights, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (directory / "README.md").write_text(_model_card(peft, config))
+    (directory / MODEL_CARD).write_text(_model_card(peft, config))
     return directory
 
 
@@ -79,23 +85,52 @@ or continue training with hyclora-models' `from_pretrained(path)`.
 """
 
 
+def read_peft_config(directory) -> dict:
+    """PEFT's adapter config of an adapter directory; it must be a LoRA adapter."""
+    path = Path(directory, ADAPTER_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} (not an adapter directory)")
+    peft = json.loads(path.read_text())
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {peft['peft_type']!r}; only LORA adapters are supported")
+    return peft
+
+
+def not_plain_lora(peft: dict) -> list[str]:
+    """The PEFT fields set that make an adapter more than plain LoRA on its target modules."""
+    return [k for k in _NOT_PLAIN if peft.get(k)] + (["bias"] if peft.get("bias", "none") != "none" else [])
+
+
+def hyc_config_from_peft(peft: dict, directory, **settings) -> HyCLoRAConfig:
+    """HyC settings from PEFT's LoRA fields plus ``settings`` (compression: bits, outlier_ratio, ...); the
+    adapter must be one hyclora-models can train: plain LoRA with a list of target module names."""
+    where = Path(directory, ADAPTER_CONFIG)
+    if not_plain_lora(peft):
+        raise ValueError(f"{where}: {', '.join(not_plain_lora(peft))} not supported (plain LoRA only)")
+    targets = peft.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"{where}: target_modules must be a list of names, got {targets!r}")
+    return HyCLoRAConfig(**{k: peft[k] for k in _PEFT_FIELDS if peft.get(k) is not None}, **settings)
+
+
 def read_adapter_config(directory) -> tuple[dict, HyCLoRAConfig]:
     """(PEFT's adapter config, the HyC settings: from the side file, else from PEFT's fields)."""
-    directory = Path(directory)
-    peft = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if peft.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: peft_type {peft['peft_type']!r}; only LORA adapters load")
-    if peft.get("modules_to_save") or peft.get("rank_pattern") or peft.get("alpha_pattern"):
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: modules_to_save / rank_pattern / alpha_pattern "
-                         "are not supported")
-    if (directory / HYC_CONFIG).is_file():
-        hyc = HyCLoRAConfig.from_any(json.loads((directory / HYC_CONFIG).read_text()))
-    else:
-        targets = peft.get("target_modules")
-        if not isinstance(targets, list):
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: target_modules must be a list of names, got {targets!r}")
-        hyc = HyCLoRAConfig(**{k: peft[k] for k in _PEFT_FIELDS if peft.get(k) is not None})
+    peft = read_peft_config(directory)
+    hyc = hyc_config_from_peft(peft, directory)
+    if Path(directory, HYC_CONFIG).is_file():
+        hyc = HyCLoRAConfig.from_any(json.loads(Path(directory, HYC_CONFIG).read_text()))
     return peft, hyc
+
+
+def adapter_weights_path(directory) -> Path:
+    """The adapter's safetensors file; a missing one (say a .bin-only adapter) is an error saying so."""
+    path = Path(directory, ADAPTER_WEIGHTS)
+    if not path.is_file():
+        other = [p.name for p in Path(directory).glob("adapter_model.*")]
+        hint = (f" (found {other}: only safetensors adapters are supported; convert it to safetensors, e.g. "
+                "peft.PeftModel.from_pretrained(base, dir).save_pretrained(new_dir))") if other else ""
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}{hint}")
+    return path
 
 
 def load_adapter_weights(model: nn.Module, directory) -> None:
@@ -103,13 +138,7 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
     must be in the file with its shape, and the file must hold nothing else."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    path = directory / ADAPTER_WEIGHTS
-    if not path.is_file():
-        other = [p.name for p in directory.glob("adapter_model.*")]
-        hint = f" (found {other}: only safetensors adapters are loaded)" if other else ""
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}{hint}")
-    weights = load_file(path)
+    weights = load_file(adapter_weights_path(directory))
     params = lora_state_dict(model)
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -124,5 +153,6 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
             p.copy_(weights[key])
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HYC_CONFIG", "is_adapter_dir", "lora_state_dict",
-           "load_adapter_weights", "read_adapter_config", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "HYC_CONFIG", "MODEL_CARD", "PEFT_FILES", "PEFT_PREFIX",
+           "adapter_weights_path", "hyc_config_from_peft", "is_adapter_dir", "lora_state_dict", "load_adapter_weights",
+           "not_plain_lora", "read_adapter_config", "read_peft_config", "save_adapter"]
