@@ -7,6 +7,9 @@
 - ``hyclora_config.json``: the HyC settings PEFT has no field for (bits, outliers, grouping, mode), in a
   side file PEFT ignores;
 - ``README.md``: a model card naming the base model and the settings.
+
+``push_adapter`` uploads these files to the Hub (``push_to_hub``); ``hyclora_models.convert`` merges an
+adapter into its base, or converts between this format and PEFT's own.
 """
 
 from __future__ import annotations
@@ -63,6 +66,25 @@ def save_adapter(model: nn.Module, directory, config: HyCLoRAConfig, base_model_
     save_file(weights, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (directory / MODEL_CARD).write_text(_model_card(peft, config))
     return directory
+
+
+def push_adapter(directory, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                 private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                 create_pr: bool = False):
+    """Upload the adapter files of ``directory`` (``ADAPTER_FILES``, nothing else) to the Hub model repo
+    ``repo_id`` (created if missing) in one commit, as transformers' ``push_to_hub`` does; returns
+    huggingface_hub's CommitInfo."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")  # transformers does too
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(directory, name)))
+                  for name in ADAPTER_FILES]
+    return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload LoRA adapter",
+                             commit_description=commit_description, repo_type="model", revision=revision,
+                             create_pr=create_pr)
 
 
 def _model_card(peft: dict, config: HyCLoRAConfig) -> str:
@@ -155,4 +177,4 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "HYC_CONFIG", "MODEL_CARD", "PEFT_FILES", "PEFT_PREFIX",
            "adapter_weights_path", "hyc_config_from_peft", "is_adapter_dir", "lora_state_dict", "load_adapter_weights",
-           "not_plain_lora", "read_adapter_config", "read_peft_config", "save_adapter"]
+           "not_plain_lora", "push_adapter", "read_adapter_config", "read_peft_config", "save_adapter"]
