@@ -175,6 +175,7 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
             p.copy_(weights[key])
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "HYC_CONFIG", "MODEL_CARD", "PEFT_FILES", "PEFT_PREFIX",
-           "adapter_weights_path", "hyc_config_from_peft", "is_adapter_dir", "lora_state_dict", "load_adapter_weights",
-           "not_plain_lora", "push_adapter", "read_adapter_config", "read_peft_config", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "HYC_CONFIG", "MODEL_CARD", "PEFT_FILES",
+           "PEFT_PREFIX", "adapter_weights_path", "hyc_config_from_peft", "is_adapter_dir", "lora_state_dict",
+           "load_adapter_weights", "not_plain_lora", "push_adapter", "read_adapter_config", "read_peft_config",
+           "save_adapter"]

@@ -41,8 +41,8 @@ def hub(monkeypatch):
             with open(op.path_or_fileobj, "rb") as f:
                 files[op.path_in_repo] = f.read()
         calls.append(("create_commit", repo_id, dict(kw, files=files, token=self.token)))
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc", commit_message=kw["commit_message"],
-                          commit_description="", oid="abc")
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
+                          commit_message=kw["commit_message"], commit_description="", oid="abc")
 
     for name, fn in [("create_repo", create_repo), ("create_branch", create_branch), ("create_commit", create_commit)]:
         monkeypatch.setattr(HfApi, name, fn)
