@@ -126,9 +126,9 @@ def not_plain_lora(peft: dict) -> list[str]:
 def hyc_config_from_peft(peft: dict, directory, **settings) -> HyCLoRAConfig:
     """HyC settings from PEFT's LoRA fields plus ``settings`` (compression: bits, outlier_ratio, ...); the
     adapter must be one hyclora-models can train: plain LoRA with a list of target module names."""
-    where = Path(directory, ADAPTER_CONFIG)
-    if not_plain_lora(peft):
-        raise ValueError(f"{where}: {', '.join(not_plain_lora(peft))} not supported (plain LoRA only)")
+    where, extras = Path(directory, ADAPTER_CONFIG), not_plain_lora(peft)
+    if extras:
+        raise ValueError(f"{where}: {', '.join(extras)} not supported (plain LoRA only)")
     targets = peft.get("target_modules")
     if not isinstance(targets, list):
         raise ValueError(f"{where}: target_modules must be a list of names, got {targets!r}")
@@ -138,7 +138,7 @@ def hyc_config_from_peft(peft: dict, directory, **settings) -> HyCLoRAConfig:
 def read_adapter_config(directory) -> tuple[dict, HyCLoRAConfig]:
     """(PEFT's adapter config, the HyC settings: from the side file, else from PEFT's fields)."""
     peft = read_peft_config(directory)
-    hyc = hyc_config_from_peft(peft, directory)
+    hyc = hyc_config_from_peft(peft, directory)  # checks PEFT's side even where our side file has the settings
     if Path(directory, HYC_CONFIG).is_file():
         hyc = HyCLoRAConfig.from_any(json.loads(Path(directory, HYC_CONFIG).read_text()))
     return peft, hyc
