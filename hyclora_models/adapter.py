@@ -7,6 +7,9 @@
 - ``hyclora_config.json``: the HyC settings PEFT has no field for (bits, outliers, grouping, mode), in a
   side file PEFT ignores;
 - ``README.md``: a model card naming the base model and the settings.
+
+``push_adapter`` uploads these files to the Hub (``push_to_hub``); ``hyclora_models.convert`` merges an
+adapter into its base, or converts between this format and PEFT's own.
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ from .lora import adapter_parameters
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HYC_CONFIG = "hyclora_config.json"
+MODEL_CARD = "README.md"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HYC_CONFIG, MODEL_CARD)  # what save_adapter writes
+PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD)  # the same less our side file
 PEFT_PREFIX = "base_model.model."
 _PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+# PEFT LoraConfig fields that change what the adapter is beyond plain LoRA on every target (bias: != "none")
+_NOT_PLAIN = ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "fan_in_fan_out",
+              "layers_to_transform", "layer_replication", "trainable_token_indices", "target_parameters")
 
 
 def is_adapter_dir(path) -> bool:
@@ -58,8 +67,27 @@ def save_adapter(model: nn.Module, directory, config: HyCLoRAConfig, base_model_
     (directory / HYC_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     weights = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(weights, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (directory / "README.md").write_text(_model_card(peft, config))
+    (directory / MODEL_CARD).write_text(_model_card(peft, config))
     return directory
+
+
+def push_adapter(directory, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                 private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                 create_pr: bool = False):
+    """Upload the adapter files of ``directory`` (``ADAPTER_FILES``, nothing else) to the Hub model repo
+    ``repo_id`` (created if missing) in one commit, as transformers' ``push_to_hub`` does; returns
+    huggingface_hub's CommitInfo."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")  # transformers does too
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(directory, name)))
+                  for name in ADAPTER_FILES]
+    return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload LoRA adapter",
+                             commit_description=commit_description, repo_type="model", revision=revision,
+                             create_pr=create_pr)
 
 
 def _model_card(peft: dict, config: HyCLoRAConfig) -> str:
@@ -82,22 +110,52 @@ or continue training with hyclora-models' `from_pretrained(path)`.
 """
 
 
+def read_peft_config(directory) -> dict:
+    """PEFT's adapter config of an adapter directory; it must be a LoRA adapter."""
+    path = Path(directory, ADAPTER_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} (not an adapter directory)")
+    peft = json.loads(path.read_text())
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {peft['peft_type']!r}; only LORA adapters are supported")
+    return peft
+
+
+def not_plain_lora(peft: dict) -> list[str]:
+    """The PEFT fields set that make an adapter more than plain LoRA on its target modules."""
+    return [k for k in _NOT_PLAIN if peft.get(k)] + (["bias"] if peft.get("bias", "none") != "none" else [])
+
+
+def hyc_config_from_peft(peft: dict, directory, **settings) -> HyCLoRAConfig:
+    """HyC settings from PEFT's LoRA fields plus ``settings`` (compression: bits, outlier_ratio, ...); the
+    adapter must be one hyclora-models can train: plain LoRA with a list of target module names."""
+    where, extras = Path(directory, ADAPTER_CONFIG), not_plain_lora(peft)
+    if extras:
+        raise ValueError(f"{where}: {', '.join(extras)} not supported (plain LoRA only)")
+    targets = peft.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"{where}: target_modules must be a list of names, got {targets!r}")
+    return HyCLoRAConfig(**{k: peft[k] for k in _PEFT_FIELDS if peft.get(k) is not None}, **settings)
+
+
 def read_adapter_config(directory) -> tuple[dict, HyCLoRAConfig]:
     """(PEFT's adapter config, the HyC settings: from the side file, else from PEFT's fields)."""
-    directory = Path(directory)
-    peft = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if peft.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: peft_type {peft['peft_type']!r}; only LORA adapters load")
-    if peft.get("rank_pattern") or peft.get("alpha_pattern"):
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: rank_pattern / alpha_pattern are not supported")
-    if (directory / HYC_CONFIG).is_file():
-        hyc = HyCLoRAConfig.from_any(json.loads((directory / HYC_CONFIG).read_text()))
-    else:
-        targets = peft.get("target_modules")
-        if not isinstance(targets, list):
-            raise ValueError(f"{directory / ADAPTER_CONFIG}: target_modules must be a list of names, got {targets!r}")
-        hyc = HyCLoRAConfig(**{k: peft[k] for k in _PEFT_FIELDS if peft.get(k) is not None})
+    peft = read_peft_config(directory)
+    hyc = hyc_config_from_peft(peft, directory)  # checks PEFT's side even where our side file has the settings
+    if Path(directory, HYC_CONFIG).is_file():
+        hyc = HyCLoRAConfig.from_any(json.loads(Path(directory, HYC_CONFIG).read_text()))
     return peft, hyc
+
+
+def adapter_weights_path(directory) -> Path:
+    """The adapter's safetensors file; a missing one (say a .bin-only adapter) is an error saying so."""
+    path = Path(directory, ADAPTER_WEIGHTS)
+    if not path.is_file():
+        other = [p.name for p in Path(directory).glob("adapter_model.*")]
+        hint = (f" (found {other}: only safetensors adapters are supported; convert it to safetensors, e.g. "
+                "peft.PeftModel.from_pretrained(base, dir).save_pretrained(new_dir))") if other else ""
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}{hint}")
+    return path
 
 
 def load_adapter_weights(model: nn.Module, directory) -> None:
@@ -105,13 +163,7 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
     must be in the file with its shape, and the file must hold nothing else."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    path = directory / ADAPTER_WEIGHTS
-    if not path.is_file():
-        other = [p.name for p in directory.glob("adapter_model.*")]
-        hint = f" (found {other}: only safetensors adapters are loaded)" if other else ""
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}{hint}")
-    weights = load_file(path)
+    weights = load_file(adapter_weights_path(directory))
     params = lora_state_dict(model)
     trained = list(adapter_parameters(model).values())
     aliases = {PEFT_PREFIX + n: p for n, p in model.named_parameters(remove_duplicate=False)}
@@ -134,5 +186,7 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
             p.copy_(weights[key])
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HYC_CONFIG", "is_adapter_dir", "lora_state_dict",
-           "load_adapter_weights", "read_adapter_config", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "HYC_CONFIG", "MODEL_CARD", "PEFT_FILES",
+           "PEFT_PREFIX", "adapter_weights_path", "hyc_config_from_peft", "is_adapter_dir", "lora_state_dict",
+           "load_adapter_weights", "not_plain_lora", "push_adapter", "read_adapter_config", "read_peft_config",
+           "save_adapter"]

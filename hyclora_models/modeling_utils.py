@@ -1,10 +1,13 @@
 """What every HyC architecture shares: reading the HyC settings from a config, loading a standard
 checkpoint of the base architecture (or an adapter directory on top of one) into the HyC class,
-initialising adapters that a checkpoint does not hold, and saving the adapter in PEFT's format."""
+initialising adapters that a checkpoint does not hold, and saving the adapter in PEFT's format (locally or
+to the Hub)."""
 
 from __future__ import annotations
 
+import tempfile
 from functools import partial
+from pathlib import Path
 
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -13,6 +16,7 @@ from .config import HyCLoRAConfig
 from .lora import freeze_base, init_lora_weights, inject_lora, is_lora_module
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+_PUSH_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
 
 
 def _lora_aware_init(init_weights, module):
@@ -105,11 +109,27 @@ class HyCPreTrainedMixin:
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
         """Write the adapter only (PEFT's format, see ``hyclora_models.adapter``), not the frozen base
         weights: ``peft.PeftModel.from_pretrained(base, save_directory)`` and this class's
-        ``from_pretrained(save_directory)`` both load it. Other transformers arguments are accepted and
-        ignored (the adapter is always written as safetensors)."""
+        ``from_pretrained(save_directory)`` both load it. With ``push_to_hub=True`` the same files also go
+        to the Hub repo ``repo_id`` (default: the directory's name), as in ``push_to_hub`` (``commit_message``,
+        ``commit_description``, ``private``, ``token``, ``revision``, ``create_pr``). Other transformers
+        arguments are accepted and ignored (the adapter is always written as safetensors)."""
+        if not is_main_process:
+            return None
+        A.save_adapter(self, save_directory, hyclora_config_of(self.config), self.name_or_path or None,
+                       self.peft_task_type)
         if push_to_hub:
-            raise NotImplementedError("push_to_hub is not supported yet: save, then upload the directory with "
-                                      "huggingface_hub.upload_folder")
-        if is_main_process:
-            A.save_adapter(self, save_directory, hyclora_config_of(self.config), self.name_or_path or None,
-                           self.peft_task_type)
+            repo_id = kwargs.pop("repo_id", None) or Path(save_directory).resolve().name
+            return A.push_adapter(save_directory, repo_id, **{k: kwargs[k] for k in _PUSH_KWARGS if k in kwargs})
+        return None
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                    commit_description: str | None = None, **kwargs):
+        """Upload the adapter (the files ``save_pretrained`` writes, not the base weights) to the Hub model
+        repo ``repo_id``, created if missing, in one commit; returns huggingface_hub's CommitInfo. The
+        arguments mean what they mean in transformers' ``push_to_hub``; others (max_shard_size, tags...)
+        are accepted and ignored."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return A.push_adapter(tmp, repo_id, commit_message=commit_message, commit_description=commit_description,
+                                  private=private, token=token, revision=revision, create_pr=create_pr)

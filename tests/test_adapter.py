@@ -70,5 +70,3 @@ def test_adapter_errors(tiny, tmp_path):
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": None}))
     with pytest.raises(ValueError, match="pass base_model="):
         cls.from_pretrained(tmp_path / "b")
-    with pytest.raises(NotImplementedError, match="push_to_hub"):
-        hyc.save_pretrained(tmp_path / "c", push_to_hub=True)
