@@ -9,6 +9,7 @@ from .compression import DEFAULT_GROUP_SIZE, DEFAULT_ROTATE, check_options
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("speed", "memory")
+ATTENTION_BACKWARDS = ("recompute", "kernel")
 
 
 @dataclass
@@ -16,7 +17,11 @@ class HyCLoRAConfig:
     """LoRA: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_rslora`` mean what they
     mean in ``peft.LoraConfig``. Compression: ``bits`` (2/4/8, or 16 to store exactly), ``outlier_ratio``,
     ``group_size``, ``rotate``, ``rounding`` as in ``hyclora_models.compress``; ``mode`` "speed" or "memory"
-    (gradient checkpointing selects memory mode)."""
+    (gradient checkpointing selects memory mode). ``attention_backward``: "recompute" (attention's forward
+    runs again in backward from the restored q/k/v; every backend, mask and dropout) or "kernel" (where
+    torch's cuDNN attention covers the case: CUDA, bf16/fp16, SDPA, causal or no mask, no dropout, keep
+    its logsumexp and call its own backward; elsewhere recompute). "kernel" saves the attention forward in
+    backward but its backward reads the restored, quantised attention output (see the README)."""
 
     r: int = 8
     lora_alpha: float = 8
@@ -29,6 +34,7 @@ class HyCLoRAConfig:
     rotate: bool = DEFAULT_ROTATE
     rounding: str = "nearest"
     mode: str = "speed"
+    attention_backward: str = "recompute"
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -44,6 +50,8 @@ class HyCLoRAConfig:
             raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.attention_backward not in ATTENTION_BACKWARDS:
+            raise ValueError(f"attention_backward must be one of {ATTENTION_BACKWARDS}, got {self.attention_backward!r}")
         check_options(self.bits, self.outlier_ratio, self.group_size, self.rotate, self.rounding)
 
     @property

@@ -61,12 +61,11 @@ class _Step(FusedStep):
         super().__init__(layer, projections, attention_mask, attn_kwargs, compression)
         self.cos, self.sin = cos, sin
 
-    def attention(self, q, k, v):
-        """RoPE and attention from (B, T, heads * head_dim) q, k, v; returns (B, T, heads * head_dim)."""
+    def heads(self, q, k, v):
         shape = (*q.shape[:-1], -1, self.layer.self_attn.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         q, k = self.layer.modeling_module().apply_rotary_pos_emb(q, k, self.cos, self.sin)
-        return self.attend(q, k, v)
+        return q, k, v
 
     def forward(self, x, keep: bool):
         """The layer's output; with ``keep``, also the list of what backward needs (see the module doc)."""
@@ -78,11 +77,11 @@ class _Step(FusedStep):
         del rstd1
         qkv = self.project(ATTN, h1, saved if keep else None)
         del h1
-        attn_out = self.attention(*qkv)
+        attn_out, lse = self.attention(*qkv)
         del qkv
         xa = P["o_proj"].xa(attn_out)
         if keep:
-            saved += [compress(attn_out, **self.plain), xa]
+            saved += [compress(attn_out, **self.plain), xa, lse]
         x_mid = x + P["o_proj"].add_lora(P["o_proj"].main(attn_out), xa)
         del attn_out
         h2, rstd2 = _rms_norm(L.post_attention_layernorm, x_mid)
@@ -102,7 +101,7 @@ class _Step(FusedStep):
     def backward(self, dout, saved, need_dx: bool):
         """(dL/dx or None, {LoRA parameter: gradient}) from what ``forward(keep=True)`` kept."""
         L, P, grads = self.layer, self.projs, {}
-        (cx, rstd1, cq, xa_q, ck, xa_k, cv, xa_v, c_attn, xa_o, cx_mid, rstd2, cg, xa_g, cu, xa_u, xa_d) = saved
+        (cx, rstd1, cq, xa_q, ck, xa_k, cv, xa_v, c_attn, xa_o, lse, cx_mid, rstd2, cg, xa_g, cu, xa_u, xa_d) = saved
         # MLP: rebuild x_mid, norm-2 output, gate/up; recompute silu(gate) * up
         x_mid = cx_mid.decompress()
         h2, _ = _rms_norm(L.post_attention_layernorm, x_mid, rstd2)
@@ -117,16 +116,15 @@ class _Step(FusedStep):
         del d_gate, d_up, h2
         dx_mid = dout + _rms_norm_backward(L.post_attention_layernorm, dh2, x_mid, rstd2)
         del dh2, x_mid
-        # attention: o_proj from the rebuilt attention output, then attention again from rebuilt q/k/v
-        d_attn = P["o_proj"].backward(dx_mid, c_attn.decompress(), xa_o, grads)
+        # attention: o_proj from the rebuilt attention output, then attention's backward from rebuilt q/k/v
+        attn_out = c_attn.decompress()
+        d_attn = P["o_proj"].backward(dx_mid, attn_out, xa_o, grads)
         x = cx.decompress()
         h1, _ = _rms_norm(L.input_layernorm, x, rstd1)
         parts = ((cq, xa_q), (ck, xa_k), (cv, xa_v))
-        with torch.enable_grad():
-            qkv = [P[n].add_lora(c.decompress(), xa).requires_grad_() for n, (c, xa) in zip(ATTN, parts)]
-            out = self.attention(*qkv)
-        d_qkv = torch.autograd.grad(out, qkv, d_attn)
-        del out, qkv, d_attn
+        qkv = [P[n].add_lora(c.decompress(), xa).requires_grad_() for n, (c, xa) in zip(ATTN, parts)]
+        d_qkv = self.attention_backward(qkv, attn_out, d_attn, lse)
+        del qkv, attn_out, d_attn
         dh1 = None
         for name, d, (_, xa) in zip(ATTN, d_qkv, parts):
             dh = P[name].backward(d, h1, xa, grads, need_dh=need_dx)

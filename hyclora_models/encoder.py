@@ -57,19 +57,18 @@ class _Step(FusedStep):
         self.drops = [(m.p, _new_seed()) if m.p and layer.training else (0.0, None)
                       for m in (layer.attention.output.dropout, layer.output.dropout)]
 
-    def attention(self, q, k, v):
-        """Attention from (B, T, hidden) q, k, v; returns (B, T, hidden)."""
+    def heads(self, q, k, v):
         shape = (*q.shape[:-1], -1, self.layer.attention.self.attention_head_size)
-        return self.attend(*(t.view(shape).transpose(1, 2) for t in (q, k, v)))
+        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))
 
     def forward(self, x, keep: bool):
         """The layer's output; with ``keep``, also the list of what backward needs (see the module doc)."""
         L, P = self.layer, self.projs
         saved = [compress(x, **self.with_outliers)] if keep else None
-        ctx = self.attention(*self.project(ATTN, x, saved))
+        ctx, lse = self.attention(*self.project(ATTN, x, saved))
         xa = P[O].xa(ctx)
         if keep:
-            saved += [compress(ctx, **self.plain), xa]
+            saved += [compress(ctx, **self.plain), xa, lse]
         z1 = x + seeded_dropout(P[O].add_lora(P[O].main(ctx), xa), *self.drops[0])
         del ctx
         h, mean1, rstd1 = _layer_norm(L.attention.output.LayerNorm, z1)
@@ -92,7 +91,7 @@ class _Step(FusedStep):
     def backward(self, dout, saved, need_dx: bool):
         """(dL/dx or None, {LoRA parameter: gradient}) from what ``forward(keep=True)`` kept."""
         L, P, grads = self.layer, self.projs, {}
-        (cx, cq, xa_q, ck, xa_k, cv, xa_v, c_ctx, xa_o, cz1, mean1, rstd1, c_up, xa_up, xa_down, cz2, mean2,
+        (cx, cq, xa_q, ck, xa_k, cv, xa_v, c_ctx, xa_o, lse, cz1, mean1, rstd1, c_up, xa_up, xa_down, cz2, mean2,
          rstd2) = saved
         ln1, ln2 = L.attention.output.LayerNorm, L.output.LayerNorm
         dz2 = _layer_norm_backward(ln2, dout, cz2.decompress(), mean2, rstd2)
@@ -108,15 +107,14 @@ class _Step(FusedStep):
         del dz2, d_up
         dz1 = _layer_norm_backward(ln1, dh, z1, mean1, rstd1)
         del dh, z1
-        # attention: o from the rebuilt attention output, then attention again from rebuilt q/k/v
-        d_ctx = P[O].backward(seeded_dropout(dz1, *self.drops[0]), c_ctx.decompress(), xa_o, grads)
+        # attention: o from the rebuilt attention output, then attention's backward from rebuilt q/k/v
+        ctx = c_ctx.decompress()
+        d_ctx = P[O].backward(seeded_dropout(dz1, *self.drops[0]), ctx, xa_o, grads)
         x = cx.decompress()
         parts = ((cq, xa_q), (ck, xa_k), (cv, xa_v))
-        with torch.enable_grad():
-            qkv = [P[n].add_lora(c.decompress(), xa).requires_grad_() for n, (c, xa) in zip(ATTN, parts)]
-            ctx = self.attention(*qkv)
-        d_qkv = torch.autograd.grad(ctx, qkv, d_ctx)
-        del ctx, qkv, d_ctx
+        qkv = [P[n].add_lora(c.decompress(), xa).requires_grad_() for n, (c, xa) in zip(ATTN, parts)]
+        d_qkv = self.attention_backward(qkv, ctx, d_ctx, lse)
+        del qkv, ctx, d_ctx
         dx = dz1 if need_dx else None
         for name, d, (_, xa) in zip(ATTN, d_qkv, parts):
             dh = P[name].backward(d, x, xa, grads, need_dh=need_dx)

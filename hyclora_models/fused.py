@@ -82,6 +82,34 @@ def _replayed_rng(device, state):
         yield
 
 
+_CUDNN_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+
+
+def _expand_kv(t, heads: int):
+    """(B, kv heads, T, D) -> (B, heads, T, D), each kv head repeated for its group (GQA)."""
+    b, kv, n, d = t.shape
+    return t if kv == heads else t[:, :, None].expand(b, kv, heads // kv, n, d).reshape(b, heads, n, d)
+
+
+def _kernel_attention(q, k, v, module):
+    """(B, heads, T, D) output and logsumexp of torch's cuDNN attention (what SDPA runs on Hopper)."""
+    k, v = (_expand_kv(t, q.shape[1]) for t in (k, v))
+    out, lse, *_ = _CUDNN_ATTENTION(q, k, v, None, True, 0.0, getattr(module, "is_causal", True), False,
+                                    scale=module.scaling)
+    return out, lse
+
+
+def _kernel_attention_backward(q, k, v, out, d_out, lse, module):
+    """cuDNN attention's own backward from the kept logsumexp; ``out`` and ``d_out`` are (B, T, heads * D).
+    The kernel forms rowsum(dO * O) from ``out``, so a restored (quantised) output perturbs dq and dk."""
+    out, d_out = (t.view(*t.shape[:2], q.shape[1], -1).transpose(1, 2).contiguous() for t in (out, d_out))
+    none = torch.empty((), dtype=torch.int64, device=q.device)  # dropout's philox seed/offset: unused
+    n_q, n_k = q.shape[2], k.shape[2]
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        d_out, q, k, v, out, lse, none, none, None, None, None, n_q, n_k, 0.0, getattr(module, "is_causal", True),
+        scale=module.scaling)
+
+
 class FusedStep:
     """One layer call: the layer, its projections (with this step's dropout seeds), the attention inputs
     passed to the layer, and the compression settings (``with_outliers`` for residual-stream tensors such
@@ -97,17 +125,47 @@ class FusedStep:
     def lora_params(self) -> list[torch.Tensor]:
         return [t for p in self.projs.values() if p.lora for t in (p.A, p.B)]
 
-    def attend(self, q, k, v):
-        """Attention of (B, heads, T, head_dim) q, k, v through the layer's attention function; attention
-        dropout, if any, draws the same mask when called again (backward's recompute)."""
+    def heads(self, q, k, v):
+        """(B, T, width) q, k, v -> (B, heads, T, head_dim), as the architecture's attention feeds its kernel
+        (Llama: with RoPE)."""
+        raise NotImplementedError
+
+    def attention(self, q, k, v):
+        """(attention output (B, T, hidden), the kernel's logsumexp if kept for its own backward, else None)
+        from (B, T, width) q, k, v."""
+        q, k, v = self.heads(q, k, v)
         module = self.layer.attention_module()
         p = self.layer.attention_dropout() if module.training else 0.0
+        if self._kernel_backward(module, q, k, p):
+            out, lse = _kernel_attention(q, k, v, module)
+            return out.transpose(1, 2).reshape(*out.shape[:1], out.shape[2], -1), lse
         if p and self.rng is None:
             self.rng = _rng_state(q.device)
-        with _replayed_rng(q.device, self.rng if p else None):
+        with _replayed_rng(q.device, self.rng if p else None):  # the same dropout mask when called again
             out, _ = self.layer.attention_function()(module, q, k, v, self.attention_mask, dropout=p,
                                                      scaling=module.scaling, **self.attn_kwargs)
-        return out.reshape(*out.shape[:2], -1)
+        return out.reshape(*out.shape[:2], -1), None
+
+    def attention_backward(self, qkv, out, d_out, lse):
+        """dL/d(q, k, v) for (B, T, width) q, k, v (rebuilt, requiring grad), from the restored attention
+        output ``out`` and its gradient: through the kernel's own backward with the kept logsumexp, or by
+        running attention again (its forward replays dropout) and differentiating that."""
+        with torch.enable_grad():
+            heads = self.heads(*qkv)
+            if lse is None:
+                return torch.autograd.grad(self.attention(*qkv)[0], qkv, d_out)
+            heads = (heads[0], *(_expand_kv(t, heads[0].shape[1]) for t in heads[1:]))
+        d_heads = _kernel_attention_backward(*heads, out, d_out, lse, self.layer.attention_module())
+        return torch.autograd.grad(heads, qkv, d_heads)
+
+    def _kernel_backward(self, module, q, k, p) -> bool:
+        """Whether attention runs through torch's cuDNN kernel with its logsumexp kept, for the kernel's own
+        backward: asked for, and a case that kernel covers exactly as transformers' SDPA path would (CUDA,
+        half precision, no mask beyond causal, no dropout, no cache)."""
+        return (self.layer.hyclora_config().attention_backward == "kernel" and _CUDNN_ATTENTION is not None
+                and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not p
+                and self.attention_mask is None and q.shape[2] == k.shape[2]
+                and module.config._attn_implementation == "sdpa")
 
     def project(self, names, h, saved: list | None):
         """The outputs of projections ``names`` of ``h``; into ``saved`` (unless None) each one's base output

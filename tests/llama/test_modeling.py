@@ -156,6 +156,7 @@ def test_registration_is_idempotent():
     (dict(bits=3), r"bits must be one of"),
     (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(mode="fast"), "mode"),
+    (dict(attention_backward="flash"), "attention_backward must be one of"),
 ])
 def test_bad_settings_rejected(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -232,3 +233,28 @@ def test_saved_bytes_follow_method(tmp_path, bits, mode):
     # memory 16 / 56 / 98 / 159
     floor = {"speed": {16: 1.5, 8: 5.0, 4: 8.5, 2: 12.5}, "memory": {16: 14, 8: 50, 4: 88, 2: 140}}[mode][bits]
     assert ratio > floor
+
+
+def test_kernel_attention_backward_falls_back_where_not_covered(tiny):
+    """fp32 (and, on CPU, no cuDNN) and padding masks: attention_backward="kernel" recomputes as by default."""
+    hyc, peft = hyc_and_peft(tiny, bits=16, attention_backward="kernel")
+    assert_matches_peft(hyc, peft, batch())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention is CUDA-only")
+def test_kernel_attention_backward(tiny):
+    """attention_backward="kernel" (cuDNN's own backward from the kept logsumexp) gives the recompute path's
+    gradients at 16 bits (bf16), and keeps the logsumexp: heads x 4 bytes a token a layer more."""
+    b = {k: v.cuda() for k, v in batch().items()}
+    b.pop("attention_mask")  # no padding: the causal case the kernel covers
+    runs = {}
+    for how in ("recompute", "kernel"):
+        hyc, _ = hyc_and_peft(tiny, bits=16, attention_backward=how, device="cuda")
+        hyc.to(torch.bfloat16)
+        runs[how] = loss_and_grads(hyc, b), layer_saved_bytes(hyc, b)
+    (l_r, g_r), bytes_r = runs["recompute"]
+    (l_k, g_k), bytes_k = runs["kernel"]
+    assert torch.equal(l_r, l_k)
+    assert cosines(g_k, g_r).min() > 0.999
+    tokens = b["input_ids"].numel()
+    assert bytes_k - bytes_r == TINY["num_hidden_layers"] * tokens * TINY["num_attention_heads"] * 4
