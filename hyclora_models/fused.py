@@ -93,7 +93,7 @@ def _expand_kv(t, heads: int):
 
 def _kernel_attention(q, k, v, module):
     """(B, heads, T, D) output and logsumexp of torch's cuDNN attention (what SDPA runs on Hopper)."""
-    k, v = (_expand_kv(t, q.shape[1]) for t in (k, v))
+    q, k, v = (_expand_kv(t, q.shape[1]).contiguous() for t in (q, k, v))
     out, lse, *_ = _CUDNN_ATTENTION(q, k, v, None, True, 0.0, getattr(module, "is_causal", True), False,
                                     scale=module.scaling)
     return out, lse
@@ -102,6 +102,7 @@ def _kernel_attention(q, k, v, module):
 def _kernel_attention_backward(q, k, v, out, d_out, lse, module):
     """cuDNN attention's own backward from the kept logsumexp; ``out`` and ``d_out`` are (B, T, heads * D).
     The kernel forms rowsum(dO * O) from ``out``, so a restored (quantised) output perturbs dq and dk."""
+    q, k, v = (t.contiguous() for t in (q, k, v))  # all (B, heads, T, D)-contiguous, as in the forward
     out, d_out = (t.view(*t.shape[:2], q.shape[1], -1).transpose(1, 2).contiguous() for t in (out, d_out))
     none = torch.empty((), dtype=torch.int64, device=q.device)  # dropout's philox seed/offset: unused
     n_q, n_k = q.shape[2], k.shape[2]
@@ -161,9 +162,9 @@ class FusedStep:
     def _kernel_backward(self, module, q, k, p) -> bool:
         """Whether attention runs through torch's cuDNN kernel with its logsumexp kept, for the kernel's own
         backward: asked for, and a case that kernel covers exactly as transformers' SDPA path would (CUDA,
-        half precision, no mask beyond causal, no dropout, no cache)."""
+        half precision, head_dim a multiple of 8, no mask beyond causal, no dropout, no cache)."""
         return (self.layer.hyclora_config().attention_backward == "kernel" and _CUDNN_ATTENTION is not None
-                and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not p
+                and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and not p
                 and self.attention_mask is None and q.shape[2] == k.shape[2]
                 and module.config._attn_implementation == "sdpa")
 

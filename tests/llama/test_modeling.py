@@ -242,14 +242,15 @@ def test_kernel_attention_backward_falls_back_where_not_covered(tiny):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention is CUDA-only")
-def test_kernel_attention_backward(tiny):
+def test_kernel_attention_backward(tmp_path):
     """attention_backward="kernel" (cuDNN's own backward from the kept logsumexp) gives the recompute path's
     gradients at 16 bits (bf16), and keeps the logsumexp: heads x 4 bytes a token a layer more."""
+    path = save_tiny_llama(tmp_path, **SIZES)  # head_dim 32: cuDNN wants a multiple of 8
     b = {k: v.cuda() for k, v in batch().items()}
     b.pop("attention_mask")  # no padding: the causal case the kernel covers
     runs = {}
     for how in ("recompute", "kernel"):
-        hyc, _ = hyc_and_peft(tiny, bits=16, attention_backward=how, device="cuda")
+        hyc, _ = hyc_and_peft(path, bits=16, attention_backward=how, device="cuda")
         hyc.to(torch.bfloat16)
         runs[how] = loss_and_grads(hyc, b), layer_saved_bytes(hyc, b)
     (l_r, g_r), bytes_r = runs["recompute"]
@@ -257,4 +258,4 @@ def test_kernel_attention_backward(tiny):
     assert torch.equal(l_r, l_k)
     assert cosines(g_k, g_r).min() > 0.999
     tokens = b["input_ids"].numel()
-    assert bytes_k - bytes_r == TINY["num_hidden_layers"] * tokens * TINY["num_attention_heads"] * 4
+    assert bytes_k - bytes_r == TINY["num_hidden_layers"] * tokens * SIZES["num_attention_heads"] * 4
