@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=None, help="also copy the JSON here")
+    ap.add_argument("--tag", default="", help="suffix of the results file name (runs of other method sets)")
     ap.add_argument("--profile", default="", help="method:bits list to profile one step of (table into --out)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one method and bits -> JSON
     args = ap.parse_args()
@@ -172,7 +173,7 @@ def main():
                  if base else " | ")
         print(f"| {r['method']} | {r['bits']} | {r['peak_gib']:.1f} | {r['activation_gib']:.2f} | "
               f"{r['saved_kib_per_token_layer'] or float('nan'):.1f} | {r['tokens_per_s']:,.0f} | {ratio} |")
-    name = f"memory_throughput_{args.shape}_{args.batch}x{args.seq}"
+    name = f"memory_throughput_{args.shape}_{args.batch}x{args.seq}{'_' + args.tag if args.tag else ''}"
     print("wrote", write_records(name, records, args.out))
 
 

@@ -256,6 +256,7 @@ def test_kernel_attention_backward(tmp_path):
     (l_r, g_r), bytes_r = runs["recompute"]
     (l_k, g_k), bytes_k = runs["kernel"]
     assert torch.equal(l_r, l_k)
-    assert cosines(g_k, g_r).min() > 0.999
+    cos = cosines(g_k, g_r).float()
+    assert cos.median() > 0.999 and cos.min() > 0.99  # bf16 (each path is 0.9961 worst to PEFT's)
     tokens = b["input_ids"].numel()
     assert bytes_k - bytes_r == TINY["num_hidden_layers"] * tokens * SIZES["num_attention_heads"] * 4
