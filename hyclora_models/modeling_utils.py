@@ -17,6 +17,8 @@ from .lora import freeze_base, init_lora_weights, inject_lora, is_lora_module
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 _PUSH_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
+# loading options that are also config fields: transformers' from_pretrained applies them itself
+_LOADING_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "experts_implementation")
 
 
 def _lora_aware_init(init_weights, module):
@@ -72,7 +74,7 @@ class HyCPreTrainedMixin:
 
         ``hyclora_config``: a HyCLoRAConfig or dict; default: the checkpoint's (or adapter's) own HyC
         settings, else the defaults. Other keyword arguments go to transformers' ``from_pretrained``
-        (dtype, attn_implementation...)."""
+        (dtype, attn_implementation...) or, as there, set config fields (num_labels, id2label...)."""
         if A.is_adapter_dir(pretrained_model_name_or_path):
             peft, stored = A.read_adapter_config(pretrained_model_name_or_path)
             base = base_model or peft.get("base_model_name_or_path")
@@ -92,7 +94,13 @@ class HyCPreTrainedMixin:
         if model_type not in (cls.base_model_type, cls.config_class.model_type):
             raise ValueError(f"{cls.__name__} loads {cls.base_model_type!r} checkpoints; "
                              f"{pretrained_model_name_or_path} has model_type {model_type!r}")
-        if not isinstance(config, cls.config_class):
+        if config is None:
+            # as transformers does when it loads the config: keyword arguments naming config fields
+            # (num_labels, id2label, problem_type...) set them, the rest go on to the model
+            loading = {k: kwargs.pop(k) for k in _LOADING_KWARGS if k in kwargs}
+            config, kwargs = cls.config_class.from_dict(raw, return_unused_kwargs=True, **kwargs)
+            kwargs.update(loading)
+        elif not isinstance(config, cls.config_class):
             config = cls.config_class.from_dict(raw)
         if hyclora_config is not None:
             config.hyclora_config = HyCLoRAConfig.from_any(hyclora_config).to_dict()

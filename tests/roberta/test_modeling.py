@@ -172,6 +172,22 @@ def test_loading_registration_and_errors(tiny_cls, tmp_path):
         H.HyCRobertaForSequenceClassification.from_pretrained(tmp_path)
 
 
+def test_config_fields_as_keyword_arguments(tiny_cls, tmp_path):
+    """As in transformers, from_pretrained's keyword arguments that name config fields set them (a new head
+    size: the checkpoint's head is re-initialised), loading options (dtype, attn_implementation) still load;
+    also through an adapter directory."""
+    hyc = H.HyCRobertaForSequenceClassification.from_pretrained(
+        tiny_cls, num_labels=2, id2label={0: "no", 1: "yes"}, problem_type="single_label_classification",
+        ignore_mismatched_sizes=True, dtype=torch.bfloat16, attn_implementation="eager")
+    assert hyc.classifier.out_proj.out_features == 2 and hyc.config.id2label == {0: "no", 1: "yes"}
+    assert hyc.config.problem_type == "single_label_classification" and hyc.config.model_type == "hyc_roberta"
+    assert hyc.dtype == torch.bfloat16 and hyc.config._attn_implementation == "eager"
+    hyc.save_pretrained(tmp_path)
+    again = H.HyCRobertaForSequenceClassification.from_pretrained(tmp_path, num_labels=2, ignore_mismatched_sizes=True)
+    assert again.classifier.out_proj.out_features == 2
+    torch.testing.assert_close(again.classifier.out_proj.weight, hyc.classifier.out_proj.weight.float())
+
+
 def test_adapter_with_head_moves_between_hyc_and_peft(tiny_cls, tmp_path):
     """The classifier is saved with the adapter (PEFT's modules_to_save layout) and loads both ways."""
     from peft import PeftModel
