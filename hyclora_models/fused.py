@@ -214,6 +214,16 @@ def _unflatten_saved(flat, layout):
     return out
 
 
+def _autocast_state(device_type: str):
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast(state):
+    """Backward runs under the forward's autocast state (mixed precision: Trainer's bf16=True...)."""
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 class _FusedLayer(torch.autograd.Function):
     """Speed mode: forward keeps the step's set, backward rebuilds from it."""
 
@@ -222,13 +232,14 @@ class _FusedLayer(torch.autograd.Function):
         out, saved = step.forward(x, keep=True)
         flat, ctx.layout = _flatten_saved(saved)
         ctx.save_for_backward(*flat)
-        ctx.step = step
+        ctx.step, ctx.autocast = step, _autocast_state(x.device.type)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         saved = _unflatten_saved(ctx.saved_tensors, ctx.layout)
-        dx, grads = ctx.step.backward(dout, saved, need_dx=ctx.needs_input_grad[0])
+        with _autocast(ctx.autocast):
+            dx, grads = ctx.step.backward(dout, saved, need_dx=ctx.needs_input_grad[0])
         return (dx, None, *(grads.get(p) for p in ctx.step.lora_params()))
 
 
@@ -241,7 +252,7 @@ class _RecomputedLayer(torch.autograd.Function):
         out, _ = step.forward(x, keep=False)
         flat, ctx.layout = _flatten_saved([compress(x, **step.with_outliers)])
         ctx.save_for_backward(*flat)
-        ctx.step = step
+        ctx.step, ctx.autocast = step, _autocast_state(x.device.type)
         return out
 
     @staticmethod
@@ -250,7 +261,7 @@ class _RecomputedLayer(torch.autograd.Function):
         x = cx.decompress().detach().requires_grad_(ctx.needs_input_grad[0])
         del cx
         params = ctx.step.lora_params()
-        with torch.enable_grad():
+        with torch.enable_grad(), _autocast(ctx.autocast):
             out = _FusedLayer.apply(x, ctx.step, *params)
         wanted = [t for t in (x, *params) if t.requires_grad]
         got = dict(zip(wanted, torch.autograd.grad(out, wanted, dout)))
