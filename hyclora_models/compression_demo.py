@@ -1,4 +1,4 @@
-"""``python -m hyclora_models.demo``: what the compressor keeps of an activation-like tensor.
+"""``python -m hyclora_models.compression_demo``: what the compressor keeps of an activation-like tensor.
 
 Builds a residual-stream-like tensor (Gaussian channels of varied scale plus a few "massive" outlier
 channels), compresses it with each setting and prints the bytes held against bf16 and the relative
