@@ -6,7 +6,11 @@
   (``base_model.model.<module>.lora_A.weight``);
 - ``hyclora_config.json``: the HyC settings PEFT has no field for (bits, outliers, grouping, mode), in a
   side file PEFT ignores;
-- ``README.md``: a model card naming the base model and the settings.
+- ``README.md``: a model card naming the base model and the settings;
+- ``model.safetensors``: the same adapter weights under the model's own parameter names, for transformers'
+  ``Trainer``: resuming (``resume_from_checkpoint``) and ``load_best_model_at_end`` load a checkpoint's
+  ``model.safetensors`` into the model, and, told by ``_keys_to_ignore_on_save``, expect the frozen base
+  weights to be missing from it (PEFT's own route there is for ``PeftModel`` instances only).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .lora import is_lora_name
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HYC_CONFIG = "hyclora_config.json"
+TRAINER_WEIGHTS = "model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
 
@@ -55,6 +60,8 @@ def save_adapter(model: nn.Module, directory, config: HyCLoRAConfig, base_model_
     (directory / HYC_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     weights = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(weights, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    save_file({k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}, directory / TRAINER_WEIGHTS,
+              metadata={"format": "pt"})
     (directory / "README.md").write_text(_model_card(peft, config))
     return directory
 
@@ -124,5 +131,5 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
             p.copy_(weights[key])
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HYC_CONFIG", "is_adapter_dir", "lora_state_dict",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HYC_CONFIG", "TRAINER_WEIGHTS", "is_adapter_dir", "lora_state_dict",
            "load_adapter_weights", "read_adapter_config", "save_adapter"]

@@ -8,7 +8,7 @@ from transformers import PretrainedConfig
 
 from . import adapter as A
 from .config import HyCLoRAConfig
-from .lora import freeze_base, init_missing_lora, inject_lora
+from .lora import freeze_base, init_missing_lora, inject_lora, is_lora_name
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
@@ -33,6 +33,9 @@ class HyCPreTrainedMixin:
 
             adopt_layers(self.model.layers, self.decoder_layer_class)
         inject_lora(self, hyclora_config_of(config))
+        # what save_pretrained leaves out; transformers' Trainer, loading a checkpoint's model.safetensors
+        # (the adapter alone), takes exactly these keys to be missing (no warning)
+        self._keys_to_ignore_on_save = {k for k in self.state_dict() if not is_lora_name(k)}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, hyclora_config=None, config=None,
@@ -79,8 +82,9 @@ class HyCPreTrainedMixin:
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
         """Write the adapter only (PEFT's format, see ``hyclora_models.adapter``), not the frozen base
         weights: ``peft.PeftModel.from_pretrained(base, save_directory)`` and this class's
-        ``from_pretrained(save_directory)`` both load it. Other transformers arguments are accepted and
-        ignored (the adapter is always written as safetensors)."""
+        ``from_pretrained(save_directory)`` both load it, and transformers' ``Trainer`` resumes from it
+        (``model.safetensors``: the adapter under the model's names). Other transformers arguments are
+        accepted and ignored (the adapter is always written as safetensors)."""
         if push_to_hub:
             raise NotImplementedError("push_to_hub is not supported yet: save, then upload the directory with "
                                       "huggingface_hub.upload_folder")
