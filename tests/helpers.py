@@ -39,8 +39,9 @@ def save_tiny_tokenizer(path, text, vocab_size=TINY["vocab_size"]):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
+    special = dict(pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special.values())))
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(path)
     return path
 
 

@@ -60,7 +60,7 @@ def test_trainer_script_resumes_from_an_adapter_only_checkpoint(tmp_path, tiny_w
     args = ["--model", str(tiny_with_tokenizer), "--data", str(tmp_path / "data.txt"), "--max-steps", "6",
             "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--save-steps", "3", "--logging-steps", "1"]
     full = assert_resumes_like_uninterrupted(
-        tmp_path, lambda out, resume: example.main([*args, "--output-dir", str(out), *(["--resume"] if resume else [])]))
+        tmp_path, lambda out, resume: example.main([*args, "--output-dir", str(out)] + ["--resume"] * resume))
     assert sorted(logged_after(full, "loss", 0)) == [1, 2, 3, 4, 5, 6] and logged_after(full, "eval_loss", 3)
     assert (tmp_path / "full" / "adapter_model.safetensors").is_file()  # save_model() at the end
 
