@@ -1,5 +1,5 @@
 """Relative L2 error of compress -> decompress by bits and grouping, on Gaussian data with planted
-outlier channels (hyclora_models.demo.activation_like). Runs on CPU or GPU.
+outlier channels (hyclora_models.compression_demo.activation_like). Runs on CPU or GPU.
 
     python benchmarks/compression_error.py [--tokens 4096 --channels 4096]
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_records  # noqa: E402
 
-from hyclora_models.demo import SETTINGS, activation_like, error_rows, format_rows  # noqa: E402
+from hyclora_models.compression_demo import SETTINGS, activation_like, error_rows, format_rows  # noqa: E402
 
 
 def main(argv=None):

@@ -6,7 +6,12 @@
   (``base_model.model.<module>.lora_A.weight``);
 - ``hyclora_config.json``: the HyC settings PEFT has no field for (bits, outliers, grouping, mode), in a
   side file PEFT ignores;
-- ``README.md``: a model card naming the base model and the settings.
+- ``README.md``: a model card naming the base model and the settings;
+- ``model.safetensors``: the same adapter weights under the model's own parameter names, for transformers'
+  ``Trainer``: resuming (``resume_from_checkpoint``) and ``load_best_model_at_end`` load a checkpoint's
+  ``model.safetensors`` into the model, and, told by ``_keys_to_ignore_on_save``, expect the frozen base
+  weights to be missing from it (PEFT's own route there is for ``PeftModel`` instances only). It is not
+  pushed to the Hub.
 
 ``push_adapter`` uploads these files to the Hub (``push_to_hub``); ``hyclora_models.convert`` merges an
 adapter into its base, or converts between this format and PEFT's own.
@@ -27,7 +32,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HYC_CONFIG = "hyclora_config.json"
 MODEL_CARD = "README.md"
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HYC_CONFIG, MODEL_CARD)  # what save_adapter writes
+TRAINER_WEIGHTS = "model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HYC_CONFIG, MODEL_CARD)  # the adapter proper
 PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD)  # the same less our side file
 PEFT_PREFIX = "base_model.model."
 _PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
@@ -67,6 +73,8 @@ def save_adapter(model: nn.Module, directory, config: HyCLoRAConfig, base_model_
     (directory / HYC_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     weights = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(weights, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    save_file({k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}, directory / TRAINER_WEIGHTS,
+              metadata={"format": "pt"})
     (directory / MODEL_CARD).write_text(_model_card(peft, config))
     return directory
 
@@ -187,6 +195,6 @@ def load_adapter_weights(model: nn.Module, directory) -> None:
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "HYC_CONFIG", "MODEL_CARD", "PEFT_FILES",
-           "PEFT_PREFIX", "adapter_weights_path", "hyc_config_from_peft", "is_adapter_dir", "lora_state_dict",
+           "PEFT_PREFIX", "TRAINER_WEIGHTS", "adapter_weights_path", "hyc_config_from_peft", "is_adapter_dir", "lora_state_dict",
            "load_adapter_weights", "not_plain_lora", "push_adapter", "read_adapter_config", "read_peft_config",
            "save_adapter"]

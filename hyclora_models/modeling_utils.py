@@ -13,7 +13,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import adapter as A
 from .config import HyCLoRAConfig
-from .lora import freeze_base, init_lora_weights, inject_lora, is_lora_module
+from .lora import adapter_parameters, freeze_base, init_lora_weights, inject_lora, is_lora_module
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 _PUSH_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
@@ -64,6 +64,10 @@ class HyCPreTrainedMixin:
         for sub in self.modules():
             if isinstance(sub, PreTrainedModel):
                 sub._init_weights = partial(_lora_aware_init, sub._init_weights)
+        # what save_pretrained leaves out; transformers' Trainer, loading a checkpoint's model.safetensors
+        # (the adapter alone), takes exactly these keys to be missing (no warning)
+        trained = adapter_parameters(self)
+        self._keys_to_ignore_on_save = {k for k in self.state_dict() if k not in trained}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, hyclora_config=None, config=None,
@@ -117,7 +121,8 @@ class HyCPreTrainedMixin:
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
         """Write the adapter only (PEFT's format, see ``hyclora_models.adapter``), not the frozen base
         weights: ``peft.PeftModel.from_pretrained(base, save_directory)`` and this class's
-        ``from_pretrained(save_directory)`` both load it. With ``push_to_hub=True`` the same files also go
+        ``from_pretrained(save_directory)`` both load it, and transformers' ``Trainer`` resumes from it
+        (``model.safetensors``: the adapter under the model's names). With ``push_to_hub=True`` the same files also go
         to the Hub repo ``repo_id`` (default: the directory's name), as in ``push_to_hub`` (``commit_message``,
         ``commit_description``, ``private``, ``token``, ``revision``, ``create_pr``). Other transformers
         arguments are accepted and ignored (the adapter is always written as safetensors)."""

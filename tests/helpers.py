@@ -40,6 +40,20 @@ def save_tiny(path, arch="llama", **overrides):
 save_tiny_llama = save_tiny
 
 
+def save_tiny_tokenizer(path, text, vocab_size=TINY["vocab_size"]):
+    """A BPE tokenizer trained on ``text`` (at most ``vocab_size`` tokens; <pad> = 0, as TINY's pad_token_id),
+    saved to ``path`` beside a tiny model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    special = dict(pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special.values())))
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(path)
+    return path
+
+
 def batch(seed=0, n=3, length=11, vocab=101, arch="llama"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (n, length), generator=g)

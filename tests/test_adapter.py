@@ -22,7 +22,8 @@ def test_saved_adapter_loads_in_peft(tiny, tmp_path):
     hyc, _ = hyc_and_peft(path, bits=4, arch=arch, lora_dropout=0.1)
     hyc.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"adapter_config.json", "adapter_model.safetensors", "hyclora_config.json", "README.md"}
+    assert files == {"adapter_config.json", "adapter_model.safetensors", "hyclora_config.json", "README.md",
+                     "model.safetensors"}  # the last for transformers' Trainer (test_examples.py)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(path) and cfg["r"] == 5
     assert str(path) in (tmp_path / "README.md").read_text()

@@ -1,0 +1,139 @@
+"""HyC LoRA on several GPUs with torch DDP (and a try of FSDP2), against the same run on one GPU.
+
+A random-weight Llama (bf16, SDPA), LoRA r16 on all 7 projections, 2 bits, AdamW; a fixed sequence of
+random-token global batches, split evenly over the ranks, so the DDP run sees what the single-GPU run
+sees (gradients all-reduced = the full batch's mean). Records per run: the loss curve, tokens/s and peak
+GiB per GPU; the DDP record adds loss_gap_vs_single (relative difference of the final losses).
+
+    python benchmarks/multi_gpu.py [--gpus 2] [--steps 30] [--out DIR]     # launches torchrun itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_records  # noqa: E402
+
+SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=16, max_position_embeddings=2048)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def worker(args) -> None:
+    """One rank (torchrun's environment): train, print a JSON line (rank 0)."""
+    import torch.distributed as dist
+
+    import hyclora_models as H
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    torch.manual_seed(0)  # same weights and adapters on every rank
+    config = H.HyCLlamaConfig(**SHAPE, hyclora_config=H.HyCLoRAConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                                                     bits=2).to_dict())
+    torch.set_default_dtype(torch.bfloat16)
+    with device:
+        model = H.HyCLlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    if args.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index])
+    elif args.strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    per_rank = args.batch // world
+    torch.cuda.reset_peak_memory_stats(device)
+    losses, times = [], []
+    for _ in range(args.steps):
+        ids = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq), generator=g)
+        mine = ids[rank * per_rank:(rank + 1) * per_rank].to(device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=mine, labels=mine, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        mean = loss.detach().float()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+    peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        out = args.adapter_dir
+        if args.strategy != "fsdp2":  # sharded adapters would need gathering first: not done here
+            (model.module if hasattr(model, "module") else model).save_pretrained(out)  # once, by rank 0
+        step_s = statistics.median(times[2:])
+        print(json.dumps(dict(world_size=world, strategy=args.strategy, steps=args.steps, losses=losses,
+                              tokens_per_s_per_gpu=per_rank * args.seq / step_s, peak_gib_per_gpu=peak.item(),
+                              adapter_files=sorted(p.name for p in Path(out).iterdir()))))
+    dist.destroy_process_group()
+
+
+def launch(gpus: int, strategy: str, args) -> dict:
+    adapter = tempfile.mkdtemp()
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", __file__, "--worker",
+           "--strategy", strategy, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+           "--adapter-dir", adapter]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+    if run.returncode:
+        tail = "\n".join(line for line in run.stderr.splitlines() if "Error" in line or "error" in line)[-1500:]
+        return dict(world_size=gpus, strategy=strategy, error=tail or run.stderr[-1500:])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (sequences), split over the GPUs")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
+    ap.add_argument("--adapter-dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    env = environment()
+    single = launch(1, "single", args)
+    runs = [single, launch(args.gpus, "ddp", args), launch(args.gpus, "fsdp2", args)]
+    records = []
+    print(f"{env['gpu']}, Llama shape {SHAPE['hidden_size']}x{SHAPE['num_hidden_layers']}, global batch "
+          f"{args.batch} x {args.seq}, {args.steps} steps")
+    print("| strategy | GPUs | final loss | gap vs 1 GPU | tokens/s per GPU | peak GiB per GPU |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        if "error" in r:
+            print(f"| {r['strategy']} | {r['world_size']} | failed: {r['error'].splitlines()[-1][:120]} | | | |")
+        else:
+            r["loss_gap_vs_single"] = abs(r["losses"][-1] - single["losses"][-1]) / single["losses"][-1]
+            print(f"| {r['strategy']} | {r['world_size']} | {r['losses'][-1]:.4f} | {r['loss_gap_vs_single']:.2e} | "
+                  f"{r['tokens_per_s_per_gpu']:,.0f} | {r['peak_gib_per_gpu']:.2f} |")
+        records.append(dict(suite="multi_gpu", method="hyc-speed", bits=2, batch=args.batch, seq=args.seq,
+                            model="random llama, hidden 1024, 8 layers, bf16", **r, **env))
+    print("wrote", write_records(f"multi_gpu_{args.gpus}gpu", records, args.out))
+
+
+if __name__ == "__main__":
+    main()
