@@ -1,7 +1,8 @@
 """HyC LoRA on several GPUs with torch DDP (and a try of FSDP2), against the same run on one GPU.
 
-A random-weight Llama (bf16, SDPA), LoRA r16 on all 7 projections, 2 bits, AdamW; a fixed sequence of
-random-token global batches, split evenly over the ranks, so the DDP run sees what the single-GPU run
+A random-weight Llama (bf16, SDPA), LoRA r16 on all 7 projections, 2 bits, AdamW (lr 1e-3); a fixed
+sequence of global batches of random tokens from a 512-token subset of the vocabulary (learnable: the loss
+falls from ~10.6 as the adapters learn the subset), split evenly over the ranks, so the DDP run sees what the single-GPU run
 sees (gradients all-reduced = the full batch's mean). Records per run: the loss curve, tokens/s and peak
 GiB per GPU; the DDP record adds loss_gap_vs_single (relative difference of the final losses).
 
@@ -62,13 +63,13 @@ def worker(args) -> None:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     g = torch.Generator().manual_seed(1)
     per_rank = args.batch // world
     torch.cuda.reset_peak_memory_stats(device)
     losses, times = [], []
     for _ in range(args.steps):
-        ids = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq), generator=g)
+        ids = torch.randint(0, 512, (args.batch, args.seq), generator=g) * (SHAPE["vocab_size"] // 512)
         mine = ids[rank * per_rank:(rank + 1) * per_rank].to(device)
         t0 = time.perf_counter()
         loss = model(input_ids=mine, labels=mine, use_cache=False).loss
