@@ -66,6 +66,9 @@ def save_adapter(model: nn.Module, directory, config: HyCLoRAConfig, base_model_
                  task_type: str | None) -> Path:
     from safetensors.torch import save_file
 
+    if any(type(p).__name__ == "DTensor" for p in adapter_parameters(model).values()):
+        raise ValueError("saving a sharded (FSDP2 fully_shard) model's adapter is not supported: train with DDP "
+                         "(torch DistributedDataParallel, torchrun / accelerate launch) or one GPU to save adapters")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     peft = peft_config_dict(config, base_model_name_or_path, task_type, getattr(model, "trainable_modules", ()))
