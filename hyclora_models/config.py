@@ -21,7 +21,8 @@ class HyCLoRAConfig:
     runs again in backward from the restored q/k/v; every backend, mask and dropout) or "kernel" (where
     torch's cuDNN attention covers the case: CUDA, bf16/fp16, SDPA, causal or no mask, no dropout, keep
     its logsumexp and call its own backward; elsewhere recompute). "kernel" saves the attention forward in
-    backward but its backward reads the restored, quantised attention output (see the README)."""
+    backward but measured slower on an H100 and, as its backward reads the restored, quantised attention
+    output, less accurate below 8 bits (see the README)."""
 
     r: int = 8
     lora_alpha: float = 8
