@@ -85,10 +85,11 @@ def run(script, tiny, out, *extra):
 
 
 def dev_logits(model, tokenizer, dev):
+    """Eval logits on the dev set, on the CPU (Trainer has moved the trained model to the GPU where there is one)."""
     rows = [json.loads(line) for line in open(dev)]
     b = DataCollatorWithPadding(tokenizer)([tokenizer(r["text"]) for r in rows])
     with torch.no_grad():
-        return model.eval()(**b).logits
+        return model.cpu().eval()(**b).logits
 
 
 def test_trains_evaluates_and_saves_a_peft_adapter(script, tiny, tmp_path, capsys):
