@@ -122,8 +122,9 @@ class HyCPreTrainedMixin:
         """Write the adapter only (PEFT's format, see ``hyclora_models.adapter``), not the frozen base
         weights: ``peft.PeftModel.from_pretrained(base, save_directory)`` and this class's
         ``from_pretrained(save_directory)`` both load it, and transformers' ``Trainer`` resumes from it
-        (``model.safetensors``: the adapter under the model's names). With ``push_to_hub=True`` the same files also go
-        to the Hub repo ``repo_id`` (default: the directory's name), as in ``push_to_hub`` (``commit_message``,
+        (``model.safetensors``: the adapter under the model's names). With ``push_to_hub=True`` the adapter's
+        files (not Trainer's copy) also go to the Hub repo ``repo_id`` (default: the directory's name), as in
+        ``push_to_hub`` (``commit_message``,
         ``commit_description``, ``private``, ``token``, ``revision``, ``create_pr``). Other transformers
         arguments are accepted and ignored (the adapter is always written as safetensors)."""
         if not is_main_process:
