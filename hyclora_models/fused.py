@@ -25,7 +25,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .compression import compress
-from .lora import LoRALinear, _new_seed, is_lora_name, matches_target, seeded_dropout
+from .lora import LoRALinear, _autocast, _autocast_state, _new_seed, is_lora_name, matches_target, seeded_dropout
 from .modeling_utils import hyclora_config_of
 
 
@@ -212,16 +212,6 @@ def _unflatten_saved(flat, layout):
             out.append(rest.join(flat[i:i + n]))
             i += n
     return out
-
-
-def _autocast_state(device_type: str):
-    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-
-
-def _autocast(state):
-    """Backward runs under the forward's autocast state (mixed precision: Trainer's bf16=True...)."""
-    device_type, enabled, dtype = state
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 class _FusedLayer(torch.autograd.Function):

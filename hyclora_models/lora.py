@@ -33,6 +33,16 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     return x * keep / (1 - p)
 
 
+def _autocast_state(device_type: str):
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast(state):
+    """A custom backward runs under its forward's autocast state (mixed precision: Trainer's bf16=True...)."""
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, compression):
@@ -43,10 +53,16 @@ class _LoRALinearFunction(torch.autograd.Function):
         tensors, ctx.cx = cx.split()
         ctx.save_for_backward(*tensors, xa, weight, lora_a, lora_b)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.autocast = _autocast_state(x.device.type)
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        with _autocast(ctx.autocast):
+            return _LoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         *tensors, xa, weight, lora_a, lora_b = ctx.saved_tensors
         x = ctx.cx.join(tensors).decompress()
         del tensors
