@@ -110,7 +110,8 @@ def measure(method: str, bits: int, args) -> dict:
             step()
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-        Path(args.out, f"profile_{method}_{bits}.txt").write_text(table)
+        cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        Path(args.out, f"profile_{method}_{bits}.txt").write_text(table + "\n\nby self CPU time:\n" + cpu)
     layers = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "RobertaLayer"))]
     # torch's checkpoint keeps its inputs through its own saved-tensor hooks, out of reach of ours
     saved = None if method == "peft+gc" else saved_bytes_for_backward(step, layers)
