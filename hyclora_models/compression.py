@@ -8,6 +8,7 @@ The maths lives in ``kernels/compress.py`` (a Triton kernel each way and a torch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -97,10 +98,18 @@ class CompressedTensor:
 
 
 def _positions(idx: torch.Tensor, c: int, device) -> torch.Tensor:
-    """(C,) int32: -1 for quantised channels, else the channel's column among the outliers."""
+    """(C,) int32: -1 for quantised channels, else the channel's column among the outliers (read-only)."""
+    if not idx.numel():
+        return _no_outliers(c, device)
     pos = torch.full((c,), -1, dtype=torch.int32, device=device)
     pos[idx.long()] = torch.arange(idx.numel(), dtype=torch.int32, device=device)
     return pos
+
+
+@functools.lru_cache(maxsize=64)
+def _no_outliers(c: int, device) -> torch.Tensor:
+    """All -1: built once per width and device (most tensors are compressed without outlier channels)."""
+    return torch.full((c,), -1, dtype=torch.int32, device=device)
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:

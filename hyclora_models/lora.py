@@ -24,11 +24,21 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**62, ()))
 
 
+_GENERATORS: dict = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """One reusable generator per device (re-seeded at each use): cheaper than a new one per mask."""
+    if device not in _GENERATORS:
+        _GENERATORS[device] = torch.Generator(device=device)
+    return _GENERATORS[device]
+
+
 def seeded_dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     """Inverted dropout whose mask is a function of (seed, shape, device): regenerated, never stored."""
     if not p or seed is None:
         return x
-    g = torch.Generator(device=x.device).manual_seed(seed)
+    g = _generator(x.device).manual_seed(seed)
     keep = torch.rand(x.shape, generator=g, device=x.device) >= p
     return x * keep / (1 - p)
 
