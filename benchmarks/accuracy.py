@@ -108,7 +108,7 @@ def cosine_summary(grads: dict, ref: dict) -> dict:
                                        for p in projs})
 
 
-def grad_cosine_records(model_dir, text: str, *, configs=GRAD_CONFIGS, batch_size: int = 4, seq_len: int = 256,
+def grad_cosine_records(model_dir, text: str, *, configs=None, batch_size: int = 4, seq_len: int = 256,
                         seed: int = 0, model: str = MODEL, log=print) -> list[dict]:
     """One batch of ``batch_size`` x ``seq_len`` random windows of ``text``; for each config the LoRA
     gradients' cosine to bits 16's (which equals PEFT's), per parameter, summarised overall, by layer and by
@@ -123,7 +123,7 @@ def grad_cosine_records(model_dir, text: str, *, configs=GRAD_CONFIGS, batch_siz
     ref_loss, ref = lora_gradients(model_dir, ids, state, seed, bits=16)
     log(f"bits16 (reference): loss {ref_loss:.4f}, {len(ref)} LoRA parameters, {time.perf_counter() - t0:.0f} s")
     records = []
-    for name, entries in configs:
+    for name, entries in GRAD_CONFIGS if configs is None else configs:
         t0 = time.perf_counter()
         config = HyCLoRAConfig(**LORA, **entries)
         loss, grads = lora_gradients(model_dir, ids, state, seed, **entries)
@@ -197,6 +197,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="appended to the records' file names (e.g. _seed1)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     if not (a.grad_cosine or a.finetune):
@@ -215,7 +216,7 @@ def main(argv=None):
     model_dir = a.model_dir or smollm2_checkpoint(log=log)
     train, held_out, _ = shakespeare_texts()
     env = _common.environment()
-    slug = _slug(a.model)
+    slug = _slug(a.model) + a.tag
     if a.grad_cosine:
         records = grad_cosine_records(model_dir, train, batch_size=a.batch_size or 4, seq_len=a.seq_len or 256,
                                       seed=a.seed, model=a.model, log=log)
