@@ -18,7 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -44,6 +46,12 @@ GRAD_CONFIGS = [
     ("bits2 outliers 0", dict(bits=2, outlier_ratio=0.0)),
     ("bits2 outliers 0.02", dict(bits=2, outlier_ratio=0.02)),
     ("bits2 memory", dict(bits=2, mode="memory")),
+    # which kept tensor's quantisation costs the gradient: 2 bits but the named ones at 8 or 4 bits
+    ("bits2, q+k at 8", dict(bits=2, tensor_bits=dict(q=8, k=8))),
+    ("bits2, gate+up at 8", dict(bits=2, tensor_bits=dict(gate=8, up=8))),
+    ("bits2, x+x_mid+v+attn_out at 8", dict(bits=2, tensor_bits=dict(x=8, x_mid=8, v=8, attn_out=8))),
+    ("bits2, q+k+gate+up at 8", dict(bits=2, tensor_bits=dict(q=8, k=8, gate=8, up=8))),
+    ("bits2, q+k+gate+up at 4", dict(bits=2, tensor_bits=dict(q=4, k=4, gate=4, up=4))),
 ]
 
 
@@ -70,9 +78,34 @@ def fixed_lora_state(model, seed: int, b_std: float = 0.01) -> dict[str, torch.T
     return state
 
 
-def lora_gradients(model_dir, ids: torch.Tensor, state: dict, seed: int, **config) -> tuple[float, dict]:
+# what a decoder layer compresses in speed mode, in the order it does (hyclora_models.decoder._Step.forward)
+KEPT = ("x", "q", "k", "v", "attn_out", "x_mid", "gate", "up")
+
+
+@contextmanager
+def tensor_bits(bits: dict | None):
+    """Within the block, the decoder layers keep the tensors named in ``bits`` (names of KEPT) at those bits
+    instead of the config's: a diagnostic (speed mode only), not a library option."""
+    if not bits:
+        yield
+        return
+    from hyclora_models import compression, decoder, fused
+
+    calls = [0]
+
+    def compress(x, **kw):
+        name = KEPT[calls[0] % len(KEPT)]
+        calls[0] += 1
+        return compression.compress(x, **{**kw, "bits": bits.get(name, kw["bits"])})
+
+    with patch.object(decoder, "compress", compress), patch.object(fused, "compress", compress):
+        yield
+
+
+def lora_gradients(model_dir, ids: torch.Tensor, state: dict, seed: int, tensor_bits_=None,
+                   **config) -> tuple[float, dict]:
     """Loss and LoRA gradients of HyCLlamaForCausalLM (LORA's r/alpha/targets plus ``config``) on ``ids``
-    with the adapter set to ``state``."""
+    with the adapter set to ``state`` (and ``tensor_bits_``: see ``tensor_bits``)."""
     model = HyCLlamaForCausalLM.from_pretrained(model_dir, hyclora_config=HyCLoRAConfig(**LORA, **config),
                                                 dtype=torch.float32).train()
     params = dict(model.named_parameters())
@@ -81,7 +114,8 @@ def lora_gradients(model_dir, ids: torch.Tensor, state: dict, seed: int, **confi
         for name, value in state.items():
             params[name].copy_(value)
     torch.manual_seed(seed)  # stochastic rounding's draws
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    with tensor_bits(tensor_bits_):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     return loss.item(), {n: params[n].grad.detach().clone() for n in state}
 
@@ -125,13 +159,16 @@ def grad_cosine_records(model_dir, text: str, *, configs=None, batch_size: int =
     records = []
     for name, entries in GRAD_CONFIGS if configs is None else configs:
         t0 = time.perf_counter()
+        entries = dict(entries)
+        per_tensor = entries.pop("tensor_bits", None)
         config = HyCLoRAConfig(**LORA, **entries)
-        loss, grads = lora_gradients(model_dir, ids, state, seed, **entries)
+        loss, grads = lora_gradients(model_dir, ids, state, seed, tensor_bits_=per_tensor, **entries)
         s = cosine_summary(grads, ref)
         log(f"{name:22s} median {s['cosine_median']:.4f}  worst {s['cosine_worst']:.4f} ({s['worst_parameter']})"
             f"  layer medians min {min(s['per_layer_median']):.4f}  {time.perf_counter() - t0:.0f} s")
         records.append(dict(suite="accuracy", model=model, task="grad_cosine", method="hyc", name=name,
-                            bits=config.bits, options=options_of(config), eval_loss=None, accuracy=None, steps=0,
+                            bits=config.bits, options={**options_of(config), "tensor_bits": per_tensor},
+                            eval_loss=None, accuracy=None, steps=0,
                             seed=seed, batch_size=batch_size, seq_len=seq_len, text="shakespeare (training plays)",
                             loss=loss, loss_bits16=ref_loss, reference="hyc bits 16 (= peft lora)",
                             lora=dict(r=LORA["r"], lora_alpha=LORA["lora_alpha"], targets="all 7 projections"),

@@ -31,7 +31,8 @@ def tiny(tmp_path_factory):
 def test_grad_cosine_records(accuracy, tiny):
     configs = [("bits8", dict(bits=8)), ("bits2", dict(bits=2)),
                ("bits2 channel", dict(bits=2, group_size="channel", rotate=False)),
-               ("bits2 memory", dict(bits=2, mode="memory"))]
+               ("bits2 memory", dict(bits=2, mode="memory")),
+               ("bits2, all kept at 16", dict(bits=2, tensor_bits={name: 16 for name in accuracy.KEPT}))]
     records = accuracy.grad_cosine_records(tiny, SONNET * 8, configs=configs, batch_size=2, seq_len=16,
                                            log=lambda s: None)
     assert [r["name"] for r in records] == [n for n, _ in configs]
@@ -40,12 +41,14 @@ def test_grad_cosine_records(accuracy, tiny):
         assert r["suite"] == "accuracy" and r["task"] == "grad_cosine" and r["eval_loss"] is None
         assert r["n_parameters"] == 2 * 7 * 2  # 2 layers, 7 projections, A and B
         assert len(r["per_layer_median"]) == 2 and len(r["per_projection_median"]) == 14
-        assert -1 <= r["cosine_worst"] <= r["cosine_median"] <= 1
+        assert -1 <= r["cosine_worst"] <= r["cosine_median"] <= 1 + 1e-9
         assert r["loss"] == pytest.approx(r["loss_bits16"], rel=1e-6)  # compression touches only backward
     assert by["bits8"]["cosine_median"] > 0.999 and by["bits8"]["options"]["group_size"] == 64
     assert by["bits8"]["cosine_median"] > by["bits2"]["cosine_median"] > 0.5
     assert by["bits2 channel"]["options"] == dict(outlier_ratio=0.005, group_size="channel", rotate=False,
-                                                  rounding="nearest", mode="speed")
+                                                  rounding="nearest", mode="speed", tensor_bits=None)
+    # every tensor a layer keeps, named in call order, at 16 bits: the reference's gradients exactly
+    assert by["bits2, all kept at 16"]["cosine_worst"] > 0.99999
 
 
 def test_bits16_gradients_equal_peft(accuracy, tiny):
