@@ -31,7 +31,7 @@ from hyclora_models import HyCLlamaForCausalLM, HyCLoRAConfig  # noqa: E402
 from hyclora_models.demo import LORA, finetune  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
-COMPRESSION_KEYS = ("outlier_ratio", "group_size", "rotate", "rounding", "mode")
+COMPRESSION_KEYS = ("outlier_ratio", "group_size", "rotate", "rounding", "mode", "nonlinear_bits")
 # (name, HyCLoRAConfig entries): the library defaults except where named
 GRAD_CONFIGS = [
     ("bits8", dict(bits=8)),
@@ -52,6 +52,10 @@ GRAD_CONFIGS = [
     ("bits2, x+x_mid+v+attn_out at 8", dict(bits=2, tensor_bits=dict(x=8, x_mid=8, v=8, attn_out=8))),
     ("bits2, q+k+gate+up at 8", dict(bits=2, tensor_bits=dict(q=8, k=8, gate=8, up=8))),
     ("bits2, q+k+gate+up at 4", dict(bits=2, tensor_bits=dict(q=4, k=4, gate=4, up=4))),
+    # the library option that does the above (HyCLoRAConfig.nonlinear_bits)
+    ("bits2 nonlinear8", dict(bits=2, nonlinear_bits=8)),
+    ("bits2 nonlinear4", dict(bits=2, nonlinear_bits=4)),
+    ("bits4 nonlinear8", dict(bits=4, nonlinear_bits=8)),
 ]
 
 

@@ -26,9 +26,9 @@ DEFAULT_GROUP_SIZE = 64
 DEFAULT_ROTATE = True
 
 
-def check_bits(bits) -> int:
+def check_bits(bits, name: str = "bits") -> int:
     if isinstance(bits, bool) or bits not in ALLOWED_BITS:
-        raise ValueError(f"bits must be one of {ALLOWED_BITS} (16 stores exactly), got {bits!r}")
+        raise ValueError(f"{name} must be one of {ALLOWED_BITS} (16 stores exactly), got {bits!r}")
     return int(bits)
 
 

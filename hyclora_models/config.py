@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from .compression import DEFAULT_GROUP_SIZE, DEFAULT_ROTATE, check_options
+from .compression import DEFAULT_GROUP_SIZE, DEFAULT_ROTATE, check_bits, check_options
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODES = ("speed", "memory")
@@ -22,7 +22,10 @@ class HyCLoRAConfig:
     torch's cuDNN attention covers the case: CUDA, bf16/fp16, SDPA, causal or no mask, no dropout, keep
     its logsumexp and call its own backward; elsewhere recompute). "kernel" saves the attention forward in
     backward but measured slower on an H100 and, as its backward reads the restored, quantised attention
-    output, less accurate below 8 bits (see the README)."""
+    output, less accurate below 8 bits (see the README). ``nonlinear_bits``: bits for the kept inputs of the
+    non-linearities that backward recomputes (q and k before the softmax, gate and up before SwiGLU;
+    RoBERTa's query, key and intermediate), where quantisation costs the gradient most (README, Accuracy);
+    None: ``bits``."""
 
     r: int = 8
     lora_alpha: float = 8
@@ -36,6 +39,7 @@ class HyCLoRAConfig:
     rounding: str = "nearest"
     mode: str = "speed"
     attention_backward: str = "recompute"
+    nonlinear_bits: int | None = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -51,6 +55,8 @@ class HyCLoRAConfig:
             raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.nonlinear_bits is not None:
+            check_bits(self.nonlinear_bits, "nonlinear_bits")
         if self.attention_backward not in ATTENTION_BACKWARDS:
             raise ValueError(f"attention_backward must be one of {ATTENTION_BACKWARDS}, got {self.attention_backward!r}")
         check_options(self.bits, self.outlier_ratio, self.group_size, self.rotate, self.rounding)

@@ -55,10 +55,12 @@ def _rms_norm_backward(norm: nn.Module, dy, x, rstd):
 class _Step(FusedStep):
     """A pre-norm decoder layer's step; ``cos``/``sin``: the RoPE tables passed to the layer."""
 
-    def __init__(self, layer, cos, sin, attention_mask, attn_kwargs, compression):
+    NONLINEAR = ("q_proj", "k_proj", *MLP_IN)  # softmax(q k), silu(gate) * up
+
+    def __init__(self, layer, cos, sin, attention_mask, attn_kwargs, config):
         attn, mlp = layer.self_attn, layer.mlp
         projections = {n: getattr(attn, n) for n in (*ATTN, "o_proj")} | {n: getattr(mlp, n) for n in (*MLP_IN, "down_proj")}
-        super().__init__(layer, projections, attention_mask, attn_kwargs, compression)
+        super().__init__(layer, projections, attention_mask, attn_kwargs, config)
         self.cos, self.sin = cos, sin
 
     def heads(self, q, k, v):
@@ -161,7 +163,7 @@ class HyCDecoderLayerMixin(FusedLayerMixin):
             logger.warning_once("HyC training layers do not fill the KV cache (as with gradient checkpointing); "
                                 "pass use_cache=False in training to silence this.")
         attn_kwargs = dict(position_ids=position_ids, use_cache=use_cache, **self.extra_attention_kwargs(), **kwargs)
-        step = _Step(self, *position_embeddings, attention_mask, attn_kwargs, self.hyclora_config().compression_kwargs())
+        step = _Step(self, *position_embeddings, attention_mask, attn_kwargs, self.hyclora_config())
         return self.run_fused(hidden_states, step)
 
 
@@ -174,14 +176,14 @@ def predicted_saved_bytes(config, hyclora_config, dtype: torch.dtype, mode: str 
     head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
     d_kv = config.num_key_value_heads * head_dim
 
-    def stored(width, outliers=False):
-        return stored_bytes(c, width, e, outliers)
+    def stored(width, outliers=False, nonlinear=False):
+        return stored_bytes(c, width, e, outliers, nonlinear)
 
     if (mode or c.mode) == "memory":
         return stored(d, outliers=True)
     return (2 * (stored(d, outliers=True) + 4)  # x and x_mid with their fp32 rstd
-            + stored(d) + 2 * stored(d_kv) + stored(d)  # q/k/v main, attention output
-            + 2 * stored(d_f)  # gate/up main
+            + stored(d, nonlinear=True) + stored(d_kv, nonlinear=True) + stored(d_kv) + stored(d)  # q/k/v, attn out
+            + 2 * stored(d_f, nonlinear=True)  # gate/up main
             + n_lora(c, (*ATTN, "o_proj", *MLP_IN, "down_proj")) * c.r * e)  # x A, exact
 
 

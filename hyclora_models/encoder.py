@@ -49,10 +49,12 @@ def _layer_norm_backward(ln, dy, z, mean, rstd):
 
 
 class _Step(FusedStep):
-    def __init__(self, layer, attention_mask, attn_kwargs, compression):
+    NONLINEAR = ("query", "key", UP)  # softmax(q k), gelu(up)
+
+    def __init__(self, layer, attention_mask, attn_kwargs, config):
         projections = {n: getattr(layer.attention.self, n) for n in ATTN}
         projections |= {n: layer.get_submodule(n) for n in (O, UP, DOWN)}
-        super().__init__(layer, projections, attention_mask, attn_kwargs, compression)
+        super().__init__(layer, projections, attention_mask, attn_kwargs, config)
         # hidden dropout after o and after down, as (p, seed) with the mask regenerated from the seed
         self.drops = [(m.p, _new_seed()) if m.p and layer.training else (0.0, None)
                       for m in (layer.attention.output.dropout, layer.output.dropout)]
@@ -138,7 +140,7 @@ class HyCEncoderLayerMixin(FusedLayerMixin):
             return super().forward(hidden_states, attention_mask, encoder_hidden_states,
                                    encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
                                    **kwargs)
-        step = _Step(self, attention_mask, kwargs, self.hyclora_config().compression_kwargs())
+        step = _Step(self, attention_mask, kwargs, self.hyclora_config())
         return self.run_fused(hidden_states, step)
 
 
@@ -148,14 +150,14 @@ def predicted_saved_bytes(config, hyclora_config, dtype: torch.dtype, mode: str 
     c, e = hyclora_config, torch.finfo(dtype).bits // 8
     d, d_f = config.hidden_size, config.intermediate_size
 
-    def stored(width, outliers=False):
-        return stored_bytes(c, width, e, outliers)
+    def stored(width, outliers=False, nonlinear=False):
+        return stored_bytes(c, width, e, outliers, nonlinear)
 
     if (mode or c.mode) == "memory":
         return stored(d, outliers=True)
     return (3 * stored(d, outliers=True) + 2 * 8  # x, z1, z2; LayerNorm mean and rstd (fp32 on CUDA)
-            + 3 * stored(d) + stored(d)  # q/k/v main, attention output
-            + stored(d_f)  # up main
+            + 2 * stored(d, nonlinear=True) + stored(d) + stored(d)  # q/k/v main, attention output
+            + stored(d_f, nonlinear=True)  # up main
             + n_lora(c, (*(f"attention.self.{n}" for n in ATTN), O, UP, DOWN)) * c.r * e)  # x A, exact
 
 

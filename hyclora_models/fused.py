@@ -114,13 +114,18 @@ def _kernel_attention_backward(q, k, v, out, d_out, lse, module):
 class FusedStep:
     """One layer call: the layer, its projections (with this step's dropout seeds), the attention inputs
     passed to the layer, and the compression settings (``with_outliers`` for residual-stream tensors such
-    as norm inputs, ``plain`` for the rest). Subclasses write ``forward`` and ``backward``."""
+    as norm inputs, ``plain`` for the rest, ``nonlinear`` for the base outputs of the projections named in
+    ``NONLINEAR``, the inputs of a recomputed non-linearity). Subclasses write ``forward`` and ``backward``."""
+
+    NONLINEAR: tuple[str, ...] = ()
 
     def __init__(self, layer: nn.Module, projections: dict[str, nn.Linear], attention_mask, attn_kwargs: dict,
-                 compression: dict):
+                 config):
         self.layer, self.attention_mask, self.attn_kwargs = layer, attention_mask, attn_kwargs
         self.projs = {name: _Proj(m) for name, m in projections.items()}
-        self.with_outliers, self.plain = compression, {**compression, "outlier_ratio": 0.0}
+        self.with_outliers = config.compression_kwargs()
+        self.plain = {**self.with_outliers, "outlier_ratio": 0.0}
+        self.nonlinear = {**self.plain, "bits": config.nonlinear_bits or config.bits}
         self.rng = None  # RNG state before attention, when attention dropout must be replayed
 
     def lora_params(self) -> list[torch.Tensor]:
@@ -176,7 +181,7 @@ class FusedStep:
             p = self.projs[name]
             main, xa = p.main(h), p.xa(h)
             if saved is not None:
-                saved += [compress(main, **self.plain), xa]
+                saved += [compress(main, **(self.nonlinear if name in self.NONLINEAR else self.plain)), xa]
             outs.append(p.add_lora(main, xa))
         return outs
 
@@ -314,13 +319,15 @@ def adopt_layers(layers: nn.ModuleList, cls: type) -> None:
             layer.__class__ = cls
 
 
-def stored_bytes(c, width: int, elem_bytes: int, outliers: bool = False) -> float:
+def stored_bytes(c, width: int, elem_bytes: int, outliers: bool = False, nonlinear: bool = False) -> float:
     """Bytes ``compress`` keeps per token for a tensor of ``width`` channels under HyCLoRAConfig ``c``:
-    bits/8 bytes an element, a scale and a zero-point per group, and the outlier channels if asked."""
-    if c.bits == 16:
+    bits/8 bytes an element (``nonlinear_bits`` for a non-linearity's input), a scale and a zero-point per
+    group, and the outlier channels if asked."""
+    bits = (c.nonlinear_bits or c.bits) if nonlinear else c.bits
+    if bits == 16:
         return width * elem_bytes
     stats = 0 if c.group_size == "channel" else 2 * elem_bytes * math.ceil(width / c.group_size)
-    return width * c.bits / 8 + stats + (math.ceil(c.outlier_ratio * width) * elem_bytes if outliers else 0)
+    return width * bits / 8 + stats + (math.ceil(c.outlier_ratio * width) * elem_bytes if outliers else 0)
 
 
 def n_lora(c, names) -> int:

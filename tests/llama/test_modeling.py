@@ -157,6 +157,7 @@ def test_registration_is_idempotent():
     (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(mode="fast"), "mode"),
     (dict(attention_backward="flash"), "attention_backward must be one of"),
+    (dict(nonlinear_bits=3), "nonlinear_bits must be one of"),
 ])
 def test_bad_settings_rejected(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -260,3 +261,24 @@ def test_kernel_attention_backward(tmp_path):
     assert cos.median() > 0.999 and cos.min() > 0.99  # bf16 (each path is 0.9961 worst to PEFT's)
     tokens = b["input_ids"].numel()
     assert bytes_k - bytes_r == TINY["num_hidden_layers"] * tokens * SIZES["num_attention_heads"] * 4
+
+
+def test_nonlinear_bits(tmp_path):
+    """nonlinear_bits keeps q, k, gate and up (the inputs of the recomputed softmax and SwiGLU) at their own
+    bits: the bytes follow the formula, and the gradients move towards PEFT's."""
+    from hyclora_models.decoder import predicted_saved_bytes
+
+    path = save_tiny_llama(tmp_path, **SIZES)
+    b = batch(n=4, length=32)
+    per_token_layer = b["input_ids"].numel() * TINY["num_hidden_layers"]
+    medians = {}
+    for nl in (None, 8):
+        hyc, peft = hyc_and_peft(path, bits=2, nonlinear_bits=nl)
+        got = layer_saved_bytes(hyc, b) / per_token_layer
+        want = predicted_saved_bytes(hyc.config, H.modeling_utils.hyclora_config_of(hyc.config), torch.float32)
+        assert abs(got - want) <= 0.01 * want, (nl, got, want)
+        medians[nl] = cosines(loss_and_grads(hyc, b)[1], loss_and_grads(peft, b)[1]).median()
+        medians[(nl, "bytes")] = got
+    assert medians[(8, "bytes")] > medians[(None, "bytes")]
+    # measured here (hidden 128, CPU): median cosine 0.915 at 2 bits, 0.961 with q/k/gate/up at 8
+    assert medians[8] > medians[None] + 0.02, medians

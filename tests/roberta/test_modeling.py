@@ -127,6 +127,12 @@ SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
 def test_saved_bytes_follow_method(tmp_path, bits, mode):
     path = save_tiny(tmp_path, arch="roberta-cls", **SIZES)
     hyc, peft = hyc_and_peft(path, bits=bits, arch="roberta-cls", mode=mode)
+    if bits == 2:  # and with query, key and the intermediate kept at 8 bits, as the formula says
+        wide, _ = hyc_and_peft(path, bits=2, nonlinear_bits=8, arch="roberta-cls", mode=mode)
+        b = batch(n=4, length=32, arch="roberta-cls")
+        got = layer_saved_bytes(wide, b) / (b["input_ids"].numel() * TINY["num_hidden_layers"])
+        want = predicted_saved_bytes(wide.config, hyclora_config_of(wide.config), torch.float32)
+        assert abs(got - want) <= 0.01 * want, (got, want)
     b = batch(n=4, length=32, arch="roberta-cls")
     per_token_layer = b["input_ids"].numel() * TINY["num_hidden_layers"]
     got = layer_saved_bytes(hyc, b) / per_token_layer
