@@ -193,18 +193,21 @@ def _state(model_dir, seed):
 
 def finetune_records(model_dir, train_text: str, eval_text: str, *, bits=(16, 4, 2), steps: int = 40,
                      batch_size: int = 8, seq_len: int = 128, lr: float = 1e-3, eval_windows: int = 64,
-                     seed: int = 0, model: str = MODEL, log=print, on_record=None) -> list[dict]:
-    """The demo's fine-tune at each of ``bits`` (library defaults otherwise), same seed and data order;
-    held-out loss on the first ``eval_windows`` windows of ``eval_text``. ``on_record(records)`` after each."""
+                     seed: int = 0, nonlinear_bits=None, model: str = MODEL, log=print,
+                     on_record=None) -> list[dict]:
+    """The demo's fine-tune at each of ``bits`` (library defaults otherwise; ``nonlinear_bits`` for the
+    compressed ones), same seed and data order; held-out loss on the first ``eval_windows`` windows of
+    ``eval_text``. ``on_record(records)`` after each."""
     records = []
     for b in bits:
         t0 = time.perf_counter()
+        nl = nonlinear_bits if b != 16 else None
         with tempfile.TemporaryDirectory() as out:
             r = finetune(model_dir, train_text, eval_text, out, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                         lr=lr, eval_windows=eval_windows, bits=b, new_tokens=1, seed=seed,
+                         lr=lr, eval_windows=eval_windows, bits=b, nonlinear_bits=nl, new_tokens=1, seed=seed,
                          log=lambda s: None)
         seconds = time.perf_counter() - t0
-        config = HyCLoRAConfig(**LORA, bits=b)
+        config = HyCLoRAConfig(**LORA, bits=b, nonlinear_bits=nl)
         records.append(dict(suite="accuracy", model=model, task="shakespeare_lm (held out: The Tempest)",
                             method="lora (peft-equal)" if b == 16 else "hyc", bits=b, options=options_of(config),
                             eval_loss=r["held_out_after"], eval_loss_before=r["held_out_before"], accuracy=None,
@@ -214,7 +217,7 @@ def finetune_records(model_dir, train_text: str, eval_text: str, *, bits=(16, 4,
         ref = next((x["eval_loss"] for x in records if x["bits"] == 16), None)
         for x in records:
             x["eval_loss_rel_gap_vs_bits16"] = None if ref is None else x["eval_loss"] / ref - 1
-        log(f"bits {b:2d}: held-out loss {r['held_out_before']:.4f} -> {r['held_out_after']:.4f}"
+        log(f"bits {b:2d}{f' (nonlinear {nl})' if nl else ''}: held-out loss {r['held_out_before']:.4f} -> {r['held_out_after']:.4f}"
             f"  train loss {r['train_losses'][0]:.3f} -> {r['train_losses'][-1]:.3f}  {seconds:.0f} s")
         if on_record:
             on_record(records)
@@ -232,6 +235,7 @@ def main(argv=None):
     p.add_argument("--model-dir", default=None, help="a Llama checkpoint with its tokenizer (default: SmolLM2)")
     p.add_argument("--model", default=MODEL, help="the model's name in the records")
     p.add_argument("--bits", type=int, nargs="+", default=[16, 4, 2], help="--finetune's bits")
+    p.add_argument("--nonlinear-bits", type=int, default=None, help="--finetune's nonlinear_bits (not for bits 16)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=None, help="default 4 (--grad-cosine), 8 (--finetune)")
     p.add_argument("--seq-len", type=int, default=None, help="default 256 (--grad-cosine), 128 (--finetune)")
@@ -268,6 +272,7 @@ def main(argv=None):
 
         finetune_records(model_dir, train, held_out, bits=a.bits, steps=a.steps, batch_size=a.batch_size or 8,
                          seq_len=a.seq_len or 128, lr=a.lr, eval_windows=a.eval_windows, seed=a.seed,
+                         nonlinear_bits=a.nonlinear_bits,
                          model=a.model, log=log, on_record=save)
     log("done")
 
