@@ -157,3 +157,35 @@ def model_layers(model):
 def layer_saved_bytes(model, b):
     """Bytes the transformer layers save for backward in one step on batch ``b``."""
     return saved_bytes_for_backward(lambda: loss_and_grads(model, b), model_layers(model))
+
+
+def assert_gradient_matches_finite_difference(model, b):
+    """With dropout on in ``model``: the same seed gives the same loss; the gradient along a random direction
+    equals the finite difference of the loss, each forward replaying the same masks (same seed), so the masks
+    backward regenerates are the forward's; another seed gives another loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss():
+        torch.manual_seed(5)
+        return model(**b).loss
+
+    model.zero_grad()
+    first = loss()
+    first.backward()
+    assert torch.equal(first.detach(), loss().detach())
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g) for p in params]
+    analytic = sum((p.grad * v).sum() for p, v in zip(params, direction))
+    eps, fd = 1e-3, []
+    for sign in (1, -1):  # the training path (grad on), as the gradient was taken
+        with torch.no_grad():
+            for p, v in zip(params, direction):
+                p.add_(sign * eps * v)
+        fd.append(loss().detach().double())
+        with torch.no_grad():
+            for p, v in zip(params, direction):
+                p.sub_(sign * eps * v)
+    numeric = (fd[0] - fd[1]) / (2 * eps)
+    assert abs(numeric - analytic) <= 3e-3 * abs(analytic), (numeric, analytic)
+    torch.manual_seed(6)
+    assert not torch.equal(model(**b).loss, loss())  # the masks do depend on the seed

@@ -8,8 +8,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 
 import hyclora_models as H
 
-from ..helpers import (TARGETS, TINY, assert_eval_and_generate_match_peft, assert_matches_peft, batch, cosines,
-                       model_layers, hyc_and_peft, layer_saved_bytes, loss_and_grads, save_tiny_llama)
+from ..helpers import (TARGETS, TINY, assert_eval_and_generate_match_peft, assert_gradient_matches_finite_difference,
+                       assert_matches_peft, batch, cosines, hyc_and_peft, layer_saved_bytes, loss_and_grads,
+                       model_layers, save_tiny_llama)
 
 
 @pytest.fixture(scope="module")
@@ -88,31 +89,7 @@ def test_backward_matches_forward_with_dropout(tiny, mode):
     hyc, _ = hyc_and_peft(tiny, bits=16, lora_dropout=0.3, mode=mode)
     for layer in model_layers(hyc):
         layer.self_attn.attention_dropout = 0.2
-    params = [p for p in hyc.parameters() if p.requires_grad]
-    b = batch()
-
-    def loss():
-        torch.manual_seed(5)
-        return hyc(**b).loss
-
-    hyc.zero_grad()
-    loss().backward()
-    g = torch.Generator().manual_seed(3)
-    direction = [torch.randn(p.shape, generator=g) for p in params]
-    analytic = sum((p.grad * v).sum() for p, v in zip(params, direction))
-    eps, fd = 1e-3, []
-    for sign in (1, -1):  # the training path (grad on), as the gradient was taken
-        with torch.no_grad():
-            for p, v in zip(params, direction):
-                p.add_(sign * eps * v)
-        fd.append(loss().detach().double())
-        with torch.no_grad():
-            for p, v in zip(params, direction):
-                p.sub_(sign * eps * v)
-    numeric = (fd[0] - fd[1]) / (2 * eps)
-    assert abs(numeric - analytic) <= 3e-3 * abs(analytic), (numeric, analytic)
-    torch.manual_seed(6)
-    assert not torch.equal(hyc(**b).loss, loss())  # the masks do depend on the seed
+    assert_gradient_matches_finite_difference(hyc, batch())
 
 
 def test_subset_of_targets_and_rslora(tiny):
