@@ -12,6 +12,11 @@ MODES = ("speed", "memory")
 ATTENTION_BACKWARDS = ("recompute", "kernel")
 
 
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
 @dataclass
 class HyCLoRAConfig:
     """LoRA: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_rslora`` mean what they
@@ -63,7 +68,7 @@ class HyCLoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     def compression_kwargs(self) -> dict:
         return dict(bits=self.bits, outlier_ratio=self.outlier_ratio, group_size=self.group_size,

@@ -10,7 +10,6 @@ the base has none. The base's safetensors shards are read and written one at a t
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import adapter as A
+from ..config import lora_scaling
 from ..lora import is_lora_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,7 +146,7 @@ def _scaling(peft: dict, module: str, rank: int, adapter: Path) -> float:
     if r != rank:
         raise ValueError(f"adapter {adapter}: {module}.lora_A has rank {rank}, its config says r={r}")
     alpha = _pattern_value(peft.get("alpha_pattern") or {}, module, peft.get("lora_alpha", 8))
-    return alpha / (math.sqrt(r) if peft.get("use_rslora") else r)
+    return lora_scaling(alpha, r, bool(peft.get("use_rslora")))
 
 
 def _base_dir(base, adapter: Path) -> Path:
