@@ -18,8 +18,9 @@ a seed. Memory mode (what gradient checkpointing selects) keeps only the compres
 the layer again, in the fused form above, in backward.
 
 The autograd ops, the projection helper and attention's dropout replay are shared with the encoder
-(``hyclora_models.fused``). Everything here is torch; the fused Triton producers/consumers are the
-performance issue's work.
+(``hyclora_models.fused``). RMSNorm (forward, recompute from a kept rstd, backward with the residual's
+gradient added) and SwiGLU (forward, backward) are single Triton kernels on CUDA tensors
+(``hyclora_models.kernels``), their torch references elsewhere.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from transformers.utils import logging
 
 from .compression import compress
 from .fused import FusedLayerMixin, FusedStep, adopt_layers, n_lora, stored_bytes
+from .kernels.rms_norm import rms_norm, rms_norm_backward
+from .kernels.swiglu import swiglu, swiglu_backward
 
 logger = logging.get_logger(__name__)
 
@@ -37,19 +40,14 @@ ATTN = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
 
 
-def _rms_norm(norm: nn.Module, x, rstd=None):
+def _norm(norm: nn.Module, x, rstd=None):
     """transformers' RMSNorm, returning (output, rstd); with ``rstd`` given it is reused, not recomputed."""
-    x32 = x.float()
-    if rstd is None:
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * (x32 * rstd).to(x.dtype), rstd
+    return rms_norm(x, norm.weight, norm.variance_epsilon, rstd)
 
 
-def _rms_norm_backward(norm: nn.Module, dy, x, rstd):
-    """dL/dx of y = w * (x rstd) with the weight frozen: rstd (g - n mean(g n)), n = x rstd, g = dy w."""
-    g = (dy * norm.weight).float()
-    n = x.float() * rstd
-    return (rstd * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
+def _norm_backward(norm: nn.Module, dy, x, rstd, residual):
+    """``residual`` + dL/dx of the norm, the weight frozen."""
+    return rms_norm_backward(dy, x, norm.weight, rstd, residual)
 
 
 class _Step(FusedStep):
@@ -62,6 +60,7 @@ class _Step(FusedStep):
         projections = {n: getattr(attn, n) for n in (*ATTN, "o_proj")} | {n: getattr(mlp, n) for n in (*MLP_IN, "down_proj")}
         super().__init__(layer, projections, attention_mask, attn_kwargs, config)
         self.cos, self.sin = cos, sin
+        self.swiglu = isinstance(mlp.act_fn, nn.SiLU)  # else the act_fn module, through autograd in backward
 
     def heads(self, q, k, v):
         shape = (*q.shape[:-1], -1, self.layer.self_attn.head_dim)
@@ -73,7 +72,7 @@ class _Step(FusedStep):
         """The layer's output; with ``keep``, also the list of what backward needs (see the module doc)."""
         L, P = self.layer, self.projs
         saved = []
-        h1, rstd1 = _rms_norm(L.input_layernorm, x)
+        h1, rstd1 = _norm(L.input_layernorm, x)
         if keep:
             saved += [compress(x, **self.with_outliers), rstd1]
         del rstd1
@@ -86,13 +85,13 @@ class _Step(FusedStep):
             saved += [compress(attn_out, **self.plain), xa, lse]
         x_mid = x + P["o_proj"].add_lora(P["o_proj"].main(attn_out), xa)
         del attn_out
-        h2, rstd2 = _rms_norm(L.post_attention_layernorm, x_mid)
+        h2, rstd2 = _norm(L.post_attention_layernorm, x_mid)
         if keep:
             saved += [compress(x_mid, **self.with_outliers), rstd2]
         del rstd2
         gate_up = self.project(MLP_IN, h2, saved if keep else None)
         del h2
-        m = L.mlp.act_fn(gate_up[0]) * gate_up[1]
+        m = swiglu(*gate_up) if self.swiglu else L.mlp.act_fn(gate_up[0]) * gate_up[1]
         del gate_up
         xa = P["down_proj"].xa(m)
         if keep:
@@ -106,23 +105,28 @@ class _Step(FusedStep):
         (cx, rstd1, cq, xa_q, ck, xa_k, cv, xa_v, c_attn, xa_o, lse, cx_mid, rstd2, cg, xa_g, cu, xa_u, xa_d) = saved
         # MLP: rebuild x_mid, norm-2 output, gate/up; recompute silu(gate) * up
         x_mid = cx_mid.decompress()
-        h2, _ = _rms_norm(L.post_attention_layernorm, x_mid, rstd2)
-        with torch.enable_grad():
-            gate = P["gate_proj"].add_lora(cg.decompress(), xa_g).requires_grad_()
-            up = P["up_proj"].add_lora(cu.decompress(), xa_u).requires_grad_()
-            m = L.mlp.act_fn(gate) * up
-        dm = P["down_proj"].backward(dout, m.detach(), xa_d, grads)
-        d_gate, d_up = torch.autograd.grad(m, (gate, up), dm)
-        del m, gate, up, dm
+        h2, _ = _norm(L.post_attention_layernorm, x_mid, rstd2)
+        gate, up = P["gate_proj"].add_lora(cg.decompress(), xa_g), P["up_proj"].add_lora(cu.decompress(), xa_u)
+        if self.swiglu:
+            dm = P["down_proj"].backward(dout, swiglu(gate, up), xa_d, grads)
+            d_gate, d_up = swiglu_backward(gate, up, dm, inplace=True)
+        else:
+            with torch.enable_grad():
+                gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+                m = L.mlp.act_fn(gate) * up
+            dm = P["down_proj"].backward(dout, m.detach(), xa_d, grads)
+            d_gate, d_up = torch.autograd.grad(m, (gate, up), dm)
+            del m
+        del gate, up, dm
         dh2 = P["gate_proj"].backward(d_gate, h2, xa_g, grads) + P["up_proj"].backward(d_up, h2, xa_u, grads)
         del d_gate, d_up, h2
-        dx_mid = dout + _rms_norm_backward(L.post_attention_layernorm, dh2, x_mid, rstd2)
+        dx_mid = _norm_backward(L.post_attention_layernorm, dh2, x_mid, rstd2, residual=dout)
         del dh2, x_mid
         # attention: o_proj from the rebuilt attention output, then attention's backward from rebuilt q/k/v
         attn_out = c_attn.decompress()
         d_attn = P["o_proj"].backward(dx_mid, attn_out, xa_o, grads)
         x = cx.decompress()
-        h1, _ = _rms_norm(L.input_layernorm, x, rstd1)
+        h1, _ = _norm(L.input_layernorm, x, rstd1)
         parts = ((cq, xa_q), (ck, xa_k), (cv, xa_v))
         qkv = [P[n].add_lora(c.decompress(), xa).requires_grad_() for n, (c, xa) in zip(ATTN, parts)]
         d_qkv = self.attention_backward(qkv, attn_out, d_attn, lse)
@@ -132,7 +136,7 @@ class _Step(FusedStep):
             dh = P[name].backward(d, h1, xa, grads, need_dh=need_dx)
             dh1 = dh if dh1 is None else dh1 + dh
         del d_qkv, h1
-        dx = dx_mid + _rms_norm_backward(L.input_layernorm, dh1, x, rstd1) if need_dx else None
+        dx = _norm_backward(L.input_layernorm, dh1, x, rstd1, residual=dx_mid) if need_dx else None
         return dx, grads
 
 

@@ -48,8 +48,9 @@ class _Proj:
         return F.linear(seeded_dropout(h, self.p, self.seed), self.A) if self.lora else None
 
     def add_lora(self, main, xa):
-        """main + s (x A) B: the projection's output from its stored parts."""
-        return main + F.linear(xa, self.B) * self.scaling if self.lora else main
+        """main + s (x A) B: the projection's output from its stored parts (one addmm: the scaling and the
+        add ride on the matmul's epilogue)."""
+        return _addmm(main, xa, self.B.t(), self.scaling) if self.lora else main
 
     def backward(self, dy, h, xa, grads: dict, need_dh: bool = True):
         """dL/dh for y = proj(h); LoRA gradients go into ``grads`` (keyed by parameter)."""
@@ -61,8 +62,13 @@ class _Proj:
             if self.A.requires_grad:
                 grads[self.A] = dxa.flatten(0, -2).T @ seeded_dropout(h, self.p, self.seed).flatten(0, -2)
             if need_dh:
-                dh = dh + seeded_dropout(dxa @ self.A, self.p, self.seed)
+                dh = _addmm(dh, dxa, self.A) if not self.p else dh + seeded_dropout(dxa @ self.A, self.p, self.seed)
         return dh
+
+
+def _addmm(c, a, b, alpha: float = 1.0):
+    """c + alpha a @ b for (..., n) ``c`` and (..., k) ``a``, as one matmul with an epilogue."""
+    return torch.addmm(c.reshape(-1, c.shape[-1]), a.reshape(-1, a.shape[-1]), b, alpha=alpha).view(c.shape)
 
 
 def _rng_state(device):

@@ -27,11 +27,10 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
+from ._triton import tl, triton
+
+if triton is not None:
+    from ._triton import to_dtype as _to_dtype
 
 # Statistics are widened by this factor when rounding would shrink the range they cover.
 _SLACK = 2.0**-7
@@ -163,15 +162,6 @@ def dequantize_reference(codes, scale, zero, slab, pos, shape_2d, bits, group_si
 # --------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-
-    @triton.jit
-    def _to_dtype(x, ST: tl.constexpr):
-        """fp32 -> ST with round-to-nearest-even, as torch does (the interpreter truncates to bf16)."""
-        if ST == tl.bfloat16:
-            b = x.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-            x = b.to(tl.float32, bitcast=True)
-        return x.to(ST)
 
     @triton.jit
     def _round_stats(mn, mx, bad, QMAX: tl.constexpr, SLACK: tl.constexpr, ST: tl.constexpr):

@@ -25,6 +25,14 @@ def test_bits16_equals_peft(tiny, attn):
     assert_matches_peft(hyc, peft, batch())
 
 
+def test_other_activation_equals_peft(tmp_path):
+    """A gated MLP with another activation than SiLU runs its act_fn through autograd (not the SwiGLU kernel)."""
+    path = save_tiny_llama(tmp_path, hidden_act="gelu_pytorch_tanh")
+    hyc, peft = hyc_and_peft(path, bits=16)
+    assert not any(isinstance(m.mlp.act_fn, torch.nn.SiLU) for m in model_layers(hyc))
+    assert_matches_peft(hyc, peft, batch())
+
+
 # median / worst gradient cosine to PEFT, measured on this model (CPU): speed mode 8 bits 1.0000/1.0000,
 # 4 bits 0.9975/0.9908, 2 bits 0.943/0.822; memory mode 8 bits 1.0000/0.9999, 4 bits 0.990/0.978,
 # 2 bits 0.829/0.644 (hidden 60: one group of 64 a token, the worst case for the quantiser)
