@@ -30,7 +30,9 @@ class HyCLoRAConfig:
     output, less accurate below 8 bits (see the README). ``nonlinear_bits``: bits for the kept inputs of the
     non-linearities that backward recomputes (q and k before the softmax, gate and up before SwiGLU;
     RoBERTa's query, key and intermediate), where quantisation costs the gradient most (README, Accuracy);
-    None: ``bits``."""
+    None: ``bits``. ``fused_cross_entropy``: in training with labels, causal LMs compute the loss by a
+    chunked LM head + cross-entropy that never materialises the logits (the output's ``logits`` is then
+    None, as with Liger-Kernel); False: transformers' head and loss."""
 
     r: int = 8
     lora_alpha: float = 8
@@ -45,6 +47,7 @@ class HyCLoRAConfig:
     mode: str = "speed"
     attention_backward: str = "recompute"
     nonlinear_bits: int | None = None
+    fused_cross_entropy: bool = True
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -64,6 +67,8 @@ class HyCLoRAConfig:
             check_bits(self.nonlinear_bits, "nonlinear_bits")
         if self.attention_backward not in ATTENTION_BACKWARDS:
             raise ValueError(f"attention_backward must be one of {ATTENTION_BACKWARDS}, got {self.attention_backward!r}")
+        if not isinstance(self.fused_cross_entropy, bool):
+            raise ValueError(f"fused_cross_entropy must be True or False, got {self.fused_cross_entropy!r}")
         check_options(self.bits, self.outlier_ratio, self.group_size, self.rotate, self.rounding)
 
     @property

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .compression import compress
 from .fused import FusedLayerMixin, FusedStep, adopt_layers, n_lora, stored_bytes
+from .kernels.cross_entropy import linear_cross_entropy
 from .kernels.rms_norm import rms_norm, rms_norm_backward
 from .kernels.swiglu import swiglu, swiglu_backward
+from .modeling_utils import hyclora_config_of
 
 logger = logging.get_logger(__name__)
 
@@ -171,6 +174,36 @@ class HyCDecoderLayerMixin(FusedLayerMixin):
         return self.run_fused(hidden_states, step)
 
 
+class HyCCausalLMMixin:
+    """Mixed in before a transformers ``*ForCausalLM``: in training with labels (and a frozen, bias-free
+    head, the whole sequence's logits asked for) the loss comes from ``linear_cross_entropy`` on the last
+    hidden states, and ``logits`` is None; otherwise the model's own forward."""
+
+    def fuses_loss(self, labels, logits_to_keep) -> bool:
+        head = self.get_output_embeddings()
+        return (labels is not None and self.training and torch.is_grad_enabled()
+                and hyclora_config_of(self.config).fused_cross_entropy and isinstance(head, nn.Linear) and head.bias is None
+                and not head.weight.requires_grad and isinstance(logits_to_keep, int) and logits_to_keep == 0
+                and getattr(self.config, "loss_type", None) in (None, "ForCausalLM"))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        if not self.fuses_loss(labels, logits_to_keep):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        ignore = kwargs.get("ignore_index", -100)
+        shifted = kwargs.get("shift_labels")
+        if shifted is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
+            shifted = nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:]
+        loss = linear_cross_entropy(out.last_hidden_state, self.get_output_embeddings().weight, shifted,
+                                    kwargs.get("num_items_in_batch"), ignore)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+
 def predicted_saved_bytes(config, hyclora_config, dtype: torch.dtype, mode: str | None = None) -> float:
     """METHOD.md's table as a formula: bytes a decoder layer keeps for backward per token (speed mode), or
     the compressed layer input alone (memory mode). Codes are bits/8 bytes an element; each group of G
@@ -191,4 +224,4 @@ def predicted_saved_bytes(config, hyclora_config, dtype: torch.dtype, mode: str 
             + n_lora(c, (*ATTN, "o_proj", *MLP_IN, "down_proj")) * c.r * e)  # x A, exact
 
 
-__all__ = ["HyCDecoderLayerMixin", "adopt_layers", "predicted_saved_bytes"]
+__all__ = ["HyCCausalLMMixin", "HyCDecoderLayerMixin", "adopt_layers", "predicted_saved_bytes"]

@@ -4,7 +4,7 @@ layer of ``hyclora_models.decoder`` (METHOD.md), with LoRA on any subset of q/k/
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from ..decoder import HyCDecoderLayerMixin
+from ..decoder import HyCCausalLMMixin, HyCDecoderLayerMixin
 from ..modeling_utils import HyCPreTrainedMixin
 from .configuration_hyc_llama import HyCLlamaConfig
 
@@ -13,7 +13,7 @@ class HyCLlamaDecoderLayer(HyCDecoderLayerMixin, LlamaDecoderLayer):
     pass
 
 
-class HyCLlamaForCausalLM(HyCPreTrainedMixin, LlamaForCausalLM):
+class HyCLlamaForCausalLM(HyCPreTrainedMixin, HyCCausalLMMixin, LlamaForCausalLM):
     config_class = HyCLlamaConfig
     config: HyCLlamaConfig
     base_model_type = "llama"

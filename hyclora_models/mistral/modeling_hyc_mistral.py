@@ -4,7 +4,7 @@ attention passes to the attention function (and its model folds into the mask)."
 from transformers import MistralForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-from ..decoder import HyCDecoderLayerMixin
+from ..decoder import HyCCausalLMMixin, HyCDecoderLayerMixin
 from ..modeling_utils import HyCPreTrainedMixin
 from .configuration_hyc_mistral import HyCMistralConfig
 
@@ -14,7 +14,7 @@ class HyCMistralDecoderLayer(HyCDecoderLayerMixin, MistralDecoderLayer):
         return {"sliding_window": getattr(self.self_attn.config, "sliding_window", None)}
 
 
-class HyCMistralForCausalLM(HyCPreTrainedMixin, MistralForCausalLM):
+class HyCMistralForCausalLM(HyCPreTrainedMixin, HyCCausalLMMixin, MistralForCausalLM):
     config_class = HyCMistralConfig
     config: HyCMistralConfig
     base_model_type = "mistral"

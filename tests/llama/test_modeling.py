@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 import hyclora_models as H
 
 from ..helpers import (TARGETS, TINY, assert_eval_and_generate_match_peft, assert_gradient_matches_finite_difference,
-                       assert_matches_peft, batch, cosines, hyc_and_peft, layer_saved_bytes, loss_and_grads,
+                       assert_matches_peft, batch, cosines, hyc_and_peft, layer_saved_bytes, lora_grads, loss_and_grads,
                        model_layers, save_tiny_llama)
 
 
@@ -98,6 +98,34 @@ def test_backward_matches_forward_with_dropout(tiny, mode):
     for layer in model_layers(hyc):
         layer.self_attn.attention_dropout = 0.2
     assert_gradient_matches_finite_difference(hyc, batch())
+
+
+@pytest.mark.parametrize("loss_kwargs", [{}, {"num_items_in_batch": 17}, {"shift_labels": "given"}])
+def test_fused_cross_entropy_equals_the_heads_loss(tiny, loss_kwargs):
+    """Training with labels: the chunked head + loss (no logits) gives transformers' loss and gradients, with
+    padding labels, Trainer's num_items_in_batch and pre-shifted labels."""
+    hyc, _ = hyc_and_peft(tiny, bits=16)
+    b = batch()
+    if loss_kwargs.get("shift_labels"):
+        loss_kwargs = {"shift_labels": torch.roll(b["labels"], 2, dims=1)}
+    results = []
+    for fused in (True, False):
+        hyc.config.hyclora_config = {**hyc.config.hyclora_config, "fused_cross_entropy": fused}
+        hyc.zero_grad()
+        out = hyc(**b, **loss_kwargs)
+        assert (out.logits is None) == fused
+        out.loss.backward()
+        results.append((out.loss.detach(), lora_grads(hyc)))
+    (fused_loss, fused_grads), (loss, grads) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    for k in grads:
+        torch.testing.assert_close(fused_grads[k], grads[k], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation keeps the logits
+        assert hyc(**b).logits.shape == (*b["input_ids"].shape, TINY["vocab_size"])
+    hyc.config.hyclora_config = {**hyc.config.hyclora_config, "fused_cross_entropy": True}
+    b["labels"][0, 3] = TINY["vocab_size"]
+    with pytest.raises(ValueError, match="labels must be in"):
+        hyc(**b)
 
 
 def test_subset_of_targets_and_rslora(tiny):
