@@ -34,6 +34,7 @@ from .compression import compress
 from .fused import FusedLayerMixin, FusedStep, adopt_layers, n_lora, stored_bytes
 from .kernels.cross_entropy import linear_cross_entropy
 from .kernels.rms_norm import rms_norm, rms_norm_backward
+from .kernels.rope import rope
 from .kernels.swiglu import swiglu, swiglu_backward
 from .modeling_utils import hyclora_config_of
 
@@ -67,7 +68,10 @@ class _Step(FusedStep):
 
     def heads(self, q, k, v):
         shape = (*q.shape[:-1], -1, self.layer.self_attn.head_dim)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(shape) for t in (q, k, v))
+        if self.layer.rotate_half_rope:  # RoPE on (B, T, heads, D): one kernel each way on a GPU
+            return tuple(t.transpose(1, 2) for t in (rope(q, self.cos, self.sin), rope(k, self.cos, self.sin), v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = self.layer.modeling_module().apply_rotary_pos_emb(q, k, self.cos, self.sin)
         return q, k, v
 
@@ -148,6 +152,10 @@ class HyCDecoderLayerMixin(FusedLayerMixin):
     """Mixed in before a transformers pre-norm decoder layer (input_layernorm, self_attn with q/k/v/o_proj,
     post_attention_layernorm, mlp with gate/up/down_proj). Training runs through the fused ops above;
     everything else (eval, inference, KV cache, an unfrozen base) through the transformers layer itself."""
+
+    # transformers' apply_rotary_pos_emb is the rotate-half form (Llama, Mistral): kernels.rope computes it;
+    # False: the modeling module's own function
+    rotate_half_rope = True
 
     def attention_module(self):
         return self.self_attn

@@ -55,20 +55,28 @@ class _Proj:
     def backward(self, dy, h, xa, grads: dict, need_dh: bool = True):
         """dL/dh for y = proj(h); LoRA gradients go into ``grads`` (keyed by parameter)."""
         dh = dy @ self.weight if need_dh else None
-        if self.lora:
-            dxa = (dy @ self.B) * self.scaling
+        if self.lora:  # the scaling s rides on the matmuls' epilogues: d(xA) = s dy B
+            s, dy2 = self.scaling, dy.flatten(0, -2)
+            dy_b = dy2 @ self.B
             if self.B.requires_grad:
-                grads[self.B] = (dy.flatten(0, -2).T @ xa.flatten(0, -2)) * self.scaling
+                grads[self.B] = _scaled_mm(dy2.T, xa.flatten(0, -2), s)
             if self.A.requires_grad:
-                grads[self.A] = dxa.flatten(0, -2).T @ seeded_dropout(h, self.p, self.seed).flatten(0, -2)
-            if need_dh:
-                dh = _addmm(dh, dxa, self.A) if not self.p else dh + seeded_dropout(dxa @ self.A, self.p, self.seed)
+                grads[self.A] = _scaled_mm(dy_b.T, seeded_dropout(h, self.p, self.seed).flatten(0, -2), s)
+            if need_dh and self.p:
+                dh = dh + seeded_dropout(_scaled_mm(dy_b, self.A, s).view(dh.shape), self.p, self.seed)
+            elif need_dh:
+                dh = _addmm(dh, dy_b, self.A, s)
         return dh
 
 
 def _addmm(c, a, b, alpha: float = 1.0):
     """c + alpha a @ b for (..., n) ``c`` and (..., k) ``a``, as one matmul with an epilogue."""
     return torch.addmm(c.reshape(-1, c.shape[-1]), a.reshape(-1, a.shape[-1]), b, alpha=alpha).view(c.shape)
+
+
+def _scaled_mm(a, b, alpha: float):
+    """alpha a @ b for 2-D a, b in one kernel (beta=0: the uninitialised input is never read)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
 
 
 def _rng_state(device):
