@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import activations
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -41,6 +42,7 @@ from .modeling_utils import hyclora_config_of
 logger = logging.get_logger(__name__)
 
 ATTN = ("q_proj", "k_proj", "v_proj")
+SILU = (nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU))  # what ACT2FN gives for "silu"/"swish"
 MLP_IN = ("gate_proj", "up_proj")
 
 
@@ -64,7 +66,7 @@ class _Step(FusedStep):
         projections = {n: getattr(attn, n) for n in (*ATTN, "o_proj")} | {n: getattr(mlp, n) for n in (*MLP_IN, "down_proj")}
         super().__init__(layer, projections, attention_mask, attn_kwargs, config)
         self.cos, self.sin = cos, sin
-        self.swiglu = isinstance(mlp.act_fn, nn.SiLU)  # else the act_fn module, through autograd in backward
+        self.swiglu = isinstance(mlp.act_fn, SILU)  # else the act_fn module, through autograd in backward
 
     def heads(self, q, k, v):
         shape = (*q.shape[:-1], -1, self.layer.self_attn.head_dim)
@@ -110,9 +112,8 @@ class _Step(FusedStep):
         """(dL/dx or None, {LoRA parameter: gradient}) from what ``forward(keep=True)`` kept."""
         L, P, grads = self.layer, self.projs, {}
         (cx, rstd1, cq, xa_q, ck, xa_k, cv, xa_v, c_attn, xa_o, lse, cx_mid, rstd2, cg, xa_g, cu, xa_u, xa_d) = saved
-        # MLP: rebuild x_mid, norm-2 output, gate/up; recompute silu(gate) * up
-        x_mid = cx_mid.decompress()
-        h2, _ = _norm(L.post_attention_layernorm, x_mid, rstd2)
+        # MLP: rebuild gate/up; recompute silu(gate) * up. Each tensor is rebuilt only where it is next read,
+        # so that the working set stays small (the step's peak is inside this backward).
         gate, up = P["gate_proj"].add_lora(cg.decompress(), xa_g), P["up_proj"].add_lora(cu.decompress(), xa_u)
         if self.swiglu:
             dm = P["down_proj"].backward(dout, swiglu(gate, up), xa_d, grads)
@@ -125,6 +126,8 @@ class _Step(FusedStep):
             d_gate, d_up = torch.autograd.grad(m, (gate, up), dm)
             del m
         del gate, up, dm
+        x_mid = cx_mid.decompress()
+        h2, _ = _norm(L.post_attention_layernorm, x_mid, rstd2)
         dh2 = P["gate_proj"].backward(d_gate, h2, xa_g, grads) + P["up_proj"].backward(d_up, h2, xa_u, grads)
         del d_gate, d_up, h2
         dx_mid = _norm_backward(L.post_attention_layernorm, dh2, x_mid, rstd2, residual=dout)
@@ -132,16 +135,18 @@ class _Step(FusedStep):
         # attention: o_proj from the rebuilt attention output, then attention's backward from rebuilt q/k/v
         attn_out = c_attn.decompress()
         d_attn = P["o_proj"].backward(dx_mid, attn_out, xa_o, grads)
-        x = cx.decompress()
-        h1, _ = _norm(L.input_layernorm, x, rstd1)
+        if lse is None:
+            attn_out = None  # only the kernel's own backward reads it again
         parts = ((cq, xa_q), (ck, xa_k), (cv, xa_v))
         qkv = [P[n].add_lora(c.decompress(), xa).requires_grad_() for n, (c, xa) in zip(ATTN, parts)]
         d_qkv = self.attention_backward(qkv, attn_out, d_attn, lse)
         del qkv, attn_out, d_attn
+        x = cx.decompress()
+        h1, _ = _norm(L.input_layernorm, x, rstd1)
         dh1 = None
         for name, d, (_, xa) in zip(ATTN, d_qkv, parts):
             dh = P[name].backward(d, h1, xa, grads, need_dh=need_dx)
-            dh1 = dh if dh1 is None else dh1 + dh
+            dh1 = dh if dh1 is None else dh1.add_(dh)  # in place: the first projection's own buffer
         del d_qkv, h1
         dx = _norm_backward(L.input_layernorm, dh1, x, rstd1, residual=dx_mid) if need_dx else None
         return dx, grads

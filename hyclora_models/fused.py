@@ -64,8 +64,8 @@ class _Proj:
                 grads[self.A] = _scaled_mm(dy_b.T, seeded_dropout(h, self.p, self.seed).flatten(0, -2), s)
             if need_dh and self.p:
                 dh = dh + seeded_dropout(_scaled_mm(dy_b, self.A, s).view(dh.shape), self.p, self.seed)
-            elif need_dh:
-                dh = _addmm(dh, dy_b, self.A, s)
+            elif need_dh:  # in place: dh is this call's own buffer
+                dh.view(-1, dh.shape[-1]).addmm_(dy_b, self.A, alpha=s)
         return dh
 
 
@@ -171,9 +171,9 @@ class FusedStep:
         output ``out`` and its gradient: through the kernel's own backward with the kept logsumexp, or by
         running attention again (its forward replays dropout) and differentiating that."""
         with torch.enable_grad():
-            heads = self.heads(*qkv)
             if lse is None:
                 return torch.autograd.grad(self.attention(*qkv)[0], qkv, d_out)
+            heads = self.heads(*qkv)
             heads = (heads[0], *(_expand_kv(t, heads[0].shape[1]) for t in heads[1:]))
         d_heads = _kernel_attention_backward(*heads, out, d_out, lse, self.layer.attention_module())
         return torch.autograd.grad(heads, qkv, d_heads)

@@ -33,21 +33,22 @@ def rope_reference(x, cos, sin):
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, H, cs_batch_stride, BACKWARD: tl.constexpr,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, H, HALF, cs_batch_stride, BACKWARD: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
         """One program a token: every head, both halves of the head dimension."""
         tok = tl.program_id(0).to(tl.int64)
         b = tok // T
         t = tok % T
-        d = tl.arange(0, HALF)
+        d = tl.arange(0, BLOCK_D)
         h = tl.arange(0, BLOCK_H)
+        dmask = d < HALF
         cs = b * cs_batch_stride + t * (2 * HALF)
-        c1 = tl.load(cos_ptr + cs + d).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + cs + HALF + d).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + cs + d).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + cs + HALF + d).to(tl.float32)[None, :]
+        c1 = tl.load(cos_ptr + cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         offs = tok * H * 2 * HALF + h[:, None] * (2 * HALF) + d[None, :]
-        mask = (h < H)[:, None]
+        mask = (h < H)[:, None] & dmask[None, :]
         x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
         dt = x_ptr.dtype.element_ty
@@ -63,15 +64,15 @@ if triton is not None:
 
 def _rope_triton(x, cos, sin, backward: bool):
     b, t, h, d = x.shape
-    if d % 2 or d & (d - 1) or cos.shape[-2:] != (t, d) or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
-        raise ValueError(f"rope: x (B, T, heads, D) with D a power of two and cos/sin (B or 1, T, D); got "
+    if d % 2 or cos.shape[-2:] != (t, d) or cos.shape[0] not in (1, b) or sin.shape != cos.shape:
+        raise ValueError(f"rope: x (B, T, heads, D) with D even and cos/sin (B or 1, T, D); got "
                          f"{tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
     x = x.contiguous()
     cos, sin = cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        _rope_kernel[(b * t,)](x, cos, sin, y, t, h, 0 if cos.shape[0] == 1 else t * d, BACKWARD=backward,
-                               HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+        _rope_kernel[(b * t,)](x, cos, sin, y, t, h, d // 2, 0 if cos.shape[0] == 1 else t * d, BACKWARD=backward,
+                               BLOCK_D=triton.next_power_of_2(d // 2), BLOCK_H=triton.next_power_of_2(h), num_warps=4)
     return y
 
 

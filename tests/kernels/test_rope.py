@@ -16,7 +16,7 @@ def _inputs(b, t, h, d, dtype, device, cos_batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,t,h,d,cos_batch", [(2, 5, 3, 16, 1), (2, 4, 4, 8, 2), (1, 1, 1, 2, 1)])
+@pytest.mark.parametrize("b,t,h,d,cos_batch", [(2, 5, 3, 16, 1), (2, 4, 4, 8, 2), (1, 1, 1, 2, 1), (1, 3, 6, 10, 1)])
 def test_matches_reference_and_autograd(b, t, h, d, cos_batch, dtype, device):
     x, cos, sin = _inputs(b, t, h, d, dtype, device, cos_batch)
     ref = K.rope_reference(x, cos, sin)

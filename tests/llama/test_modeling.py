@@ -25,12 +25,19 @@ def test_bits16_equals_peft(tiny, attn):
     assert_matches_peft(hyc, peft, batch())
 
 
-def test_other_activation_equals_peft(tmp_path):
-    """A gated MLP with another activation than SiLU runs its act_fn through autograd (not the SwiGLU kernel)."""
-    path = save_tiny_llama(tmp_path, hidden_act="gelu_pytorch_tanh")
-    hyc, peft = hyc_and_peft(path, bits=16)
-    assert not any(isinstance(m.mlp.act_fn, torch.nn.SiLU) for m in model_layers(hyc))
+@pytest.mark.parametrize("act,kernel", [("silu", True), ("gelu_pytorch_tanh", False)])
+def test_activation_equals_peft(tmp_path, monkeypatch, act, kernel):
+    """SiLU runs through the SwiGLU kernels; another activation through its act_fn module and autograd."""
+    from hyclora_models import decoder
+
+    calls = []
+    for name in ("swiglu", "swiglu_backward"):
+        fn = getattr(decoder, name)
+        monkeypatch.setattr(decoder, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    hyc, peft = hyc_and_peft(save_tiny_llama(tmp_path, hidden_act=act), bits=16)
     assert_matches_peft(hyc, peft, batch())
+    n = TINY["num_hidden_layers"]
+    assert calls == (["swiglu"] * n + ["swiglu", "swiglu_backward"] * n if kernel else [])
 
 
 # median / worst gradient cosine to PEFT, measured on this model (CPU): speed mode 8 bits 1.0000/1.0000,
