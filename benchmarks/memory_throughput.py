@@ -189,8 +189,8 @@ def main():
             rec = measure(method, int(bits), shape, batch, seq, args)
         except ImportError as e:
             rec = dict(method=method, bits=int(bits), not_installed=str(e))
-        except torch.cuda.OutOfMemoryError:
-            rec = dict(method=method, bits=int(bits), oom=True)
+        except torch.cuda.OutOfMemoryError as e:
+            rec = dict(method=method, bits=int(bits), oom=str(e).split("\n")[0][:300])
         print(json.dumps(rec))
         return
     env = environment()
