@@ -131,7 +131,7 @@ def measure(method: str, bits: int, shape_name: str, batch: int, seq: int, args)
         Path(args.out, f"profile_{shape_name}_{batch}x{seq}_{method}_{bits}.txt").write_text(table + "\n\nby self CPU time:\n" + cpu)
     layers = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "RobertaLayer"))]
     # torch's checkpoint keeps its inputs through its own saved-tensor hooks, out of reach of ours
-    saved = None if method == "peft+gc" else saved_bytes_for_backward(step, layers)
+    saved = None if method.endswith("+gc") else saved_bytes_for_backward(step, layers)
     step_s = statistics.median(times[args.warmup:])
     gib = 2**30
     return dict(method=method, bits=bits, peak_gib=peak / gib,

@@ -65,7 +65,7 @@ class _Proj:
             if need_dh and self.p:
                 dh = dh + seeded_dropout(_scaled_mm(dy_b, self.A, s).view(dh.shape), self.p, self.seed)
             elif need_dh:  # in place: dh is this call's own buffer
-                dh.view(-1, dh.shape[-1]).addmm_(dy_b, self.A, alpha=s)
+                dh.view(-1, dh.shape[-1]).addmm_(dy_b, self.A.to(dh.dtype), alpha=s)  # (autocast skips in-place ops)
         return dh
 
 

@@ -97,5 +97,7 @@ class _Rope(torch.autograd.Function):
 
 
 def rope(x, cos, sin):
-    """``rope_reference`` (differentiable in x), in one Triton kernel each way on CUDA tensors."""
-    return _Rope.apply(x, cos, sin) if use_triton(x) else rope_reference(x, cos, sin)
+    """``rope_reference`` (differentiable in x), in one Triton kernel each way on CUDA tensors of one dtype
+    (mixed dtypes, as under autocast with fp32 tables, promote in torch: the reference keeps that)."""
+    same = x.dtype == cos.dtype == sin.dtype
+    return _Rope.apply(x, cos, sin) if use_triton(x) and same else rope_reference(x, cos, sin)
