@@ -22,7 +22,8 @@ def test_autocast_bf16_matches_peft(tmp_path, device, arch, mode):
     hyc, peft = hyc_and_peft(save_tiny(tmp_path, arch=arch), bits=16, arch=arch, mode=mode, device=device)
     b = batch(arch=arch)
     (lh, gh), (lp, gp) = _step(hyc, b), _step(peft, b)
-    torch.testing.assert_close(lh, lp, rtol=1e-3, atol=0)
+    # within half a bf16 step: the fused LoRA add (one addmm) rounds once where PEFT's three ops round thrice
+    torch.testing.assert_close(lh, lp, rtol=4e-3, atol=0)
     assert all(g.dtype == torch.float32 for g in gh.values())  # gradients in the parameters' dtype
     assert cosines(gh, gp).min() > 0.999  # measured on CPU: 0.99994 (llama), 0.99992 (roberta)
 
