@@ -19,8 +19,9 @@ the layer again, in the fused form above, in backward.
 
 The autograd ops, the projection helper and attention's dropout replay are shared with the encoder
 (``hyclora_models.fused``). RMSNorm (forward, recompute from a kept rstd, backward with the residual's
-gradient added) and SwiGLU (forward, backward) are single Triton kernels on CUDA tensors
-(``hyclora_models.kernels``), their torch references elsewhere.
+gradient added), SwiGLU and RoPE (forward, backward) are single Triton kernels on CUDA tensors
+(``hyclora_models.kernels``), their torch references elsewhere. ``HyCCausalLMMixin`` gives the causal
+LMs a training loss that never materialises the logits (``kernels.cross_entropy``).
 """
 
 from __future__ import annotations
