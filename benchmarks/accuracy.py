@@ -367,7 +367,8 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], batch_size: int, 
             chunk = idx[j:j + batch_size]
             ids = torch.tensor([prompts[i] for i in chunk])
             for _ in range(new_tokens):
-                ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits  # the last position's
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
             for i, row in zip(chunk, ids[:, length:]):
                 out[i] = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
     return out

@@ -138,7 +138,7 @@ class _Scripted(torch.nn.Module):
         super().__init__()
         self.script, self.vocab = {tuple(p): c for p, c in script}, vocab
 
-    def forward(self, input_ids, use_cache=False):
+    def forward(self, input_ids, use_cache=False, logits_to_keep=0):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         for i, row in enumerate(input_ids.tolist()):
             prompt = next(p for p in self.script if tuple(row[:len(p)]) == p)
