@@ -85,10 +85,11 @@ def _fmt(stat, scale=1.0, digits=4, sign=False, unit=""):
 
 
 def markdown(rows: list[dict]) -> str:
+    """The summary as a Markdown table (task and model names up to their first parenthesis)."""
     lines = ["| task | model | method | seeds | held-out loss | vs bits 16 | accuracy | vs bits 16 (points) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['model']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
+        lines.append(f"| {r['task'].split(' (')[0]} | {r['model'].split(' (')[0]} | {r['method']} | {','.join(map(str, r['seeds']))} | "
                      f"{_fmt(r['eval_loss'])} | {_fmt(r['gap'], 100, 2, True, '%') if r['bits'] != 16 else ''} | "
                      f"{_fmt(r['accuracy'], 100, 1, unit='%')} | "
                      f"{_fmt(r['accuracy_gap'], 100, 1, True) if r['bits'] != 16 else ''} |")

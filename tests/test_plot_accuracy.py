@@ -18,7 +18,7 @@ def plot():
     return module
 
 
-def record(bits, seed, eval_loss, accuracy=None, task="t", **options):
+def record(bits, seed, eval_loss, accuracy=None, task="t (a note)", **options):
     base = dict(outlier_ratio=0.005, group_size=64, rotate=True, rounding="nearest", mode="speed")
     return dict(suite="accuracy", task=task, model="m", bits=bits, options={**base, **options}, seed=seed, steps=3,
                 batch_size=2, lr=1e-3, eval_loss=eval_loss, accuracy=accuracy,
