@@ -151,9 +151,11 @@ def _indent(text: str, mark: str = "|") -> str:
 
 def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int = 40, batch_size: int = 8,
              seq_len: int = 128, lr: float = 1e-3, eval_windows: int = 32, device="cpu", dtype=torch.float32,
-             bits: int = 2, nonlinear_bits: int | None = None, prompt: str = PROMPT, new_tokens: int = 48, seed: int = 0, log=print) -> dict:
+             bits: int = 2, nonlinear_bits: int | None = None, hyclora_options: dict | None = None,
+             prompt: str = PROMPT, new_tokens: int = 48, seed: int = 0, log=print) -> dict:
     """Fine-tune the Llama checkpoint ``model_dir`` (with its tokenizer) on ``train_text`` with
-    HyCLlamaForCausalLM: LoRA r=16 on all 7 projections, activations in ``bits`` bits, AdamW at ``lr`` with
+    HyCLlamaForCausalLM: LoRA r=16 on all 7 projections, activations in ``bits`` bits (other HyCLoRAConfig
+    compression entries from ``hyclora_options``), AdamW at ``lr`` with
     linear decay, ``steps`` batches of ``batch_size`` random ``seq_len``-token windows. Reports the held-out
     loss on the first ``eval_windows`` windows of ``eval_text`` before and after, the bytes the decoder layers
     keep for backward against PEFT's LoRA (same weights, same first batch), a sample before and after; saves
@@ -180,7 +182,7 @@ def finetune(model_dir, train_text: str, eval_text: str, out_dir, *, steps: int 
     peft_bytes = saved_bytes_for_backward(partial(_train_step, plain, batches[0].to(device)), _decoder_layers(plain))
     del plain
 
-    config = HyCLoRAConfig(bits=bits, nonlinear_bits=nonlinear_bits, **LORA)
+    config = HyCLoRAConfig(bits=bits, nonlinear_bits=nonlinear_bits, **(hyclora_options or {}), **LORA)
     model = HyCLlamaForCausalLM.from_pretrained(model_dir, hyclora_config=config, dtype=dtype).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     layers = _decoder_layers(model)
