@@ -44,7 +44,7 @@ from hyclora_models import HyCLlamaForCausalLM, HyCLoRAConfig  # noqa: E402
 from hyclora_models.demo import LORA, finetune  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
-COMPRESSION_KEYS = ("outlier_ratio", "group_size", "rotate", "rounding", "mode", "nonlinear_bits")
+COMPRESSION_KEYS = ("outlier_ratio", "group_size", "rotate", "rounding", "clip", "mode", "nonlinear_bits")
 # (name, HyCLoRAConfig entries): the library defaults except where named
 GRAD_CONFIGS = [
     ("bits8", dict(bits=8)),

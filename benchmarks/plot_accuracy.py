@@ -16,8 +16,10 @@ import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# the compression settings a method's label leaves out (the library's defaults when these runs began)
-BASE = dict(outlier_ratio=0.005, group_size=64, rotate=True, rounding="nearest", mode="speed", nonlinear_bits=None)
+# the compression settings a method's label leaves out (the library's defaults when these runs began; records
+# from before the clip option have none and were unclipped)
+BASE = dict(outlier_ratio=0.005, group_size=64, rotate=True, rounding="nearest", clip=1.0, mode="speed",
+            nonlinear_bits=None)
 
 
 def label(record: dict) -> str:
@@ -25,6 +27,10 @@ def label(record: dict) -> str:
     if record["bits"] == 16:
         return "bits 16 (LoRA)"
     options = {**BASE, **record["options"]}
+    if options["clip"] == "auto":  # what it meant at these bits
+        from hyclora_models.compression import clip_of
+
+        options["clip"] = clip_of("auto", record["bits"], options["rounding"])
     return ", ".join([f"bits {record['bits']}"] + [f"{k} {v}" for k, v in options.items()
                                                    if k in BASE and v != BASE[k]])
 

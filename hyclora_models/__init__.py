@@ -3,7 +3,7 @@
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoModelForSequenceClassification)
 
-from .compression import ALLOWED_BITS, CompressedTensor, compress
+from .compression import ALLOWED_BITS, AUTO_CLIP, CompressedTensor, compress
 from .config import HyCLoRAConfig
 from .llama import HyCLlamaConfig, HyCLlamaForCausalLM
 from .lora import LoRALinear
@@ -23,7 +23,7 @@ for _auto, _config, _model in (
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     _auto.register(_config, _model, exist_ok=True)
 
-__all__ = ["ALLOWED_BITS", "CompressedTensor", "compress", "HyCLoRAConfig", "HyCLlamaConfig",
+__all__ = ["ALLOWED_BITS", "AUTO_CLIP", "CompressedTensor", "compress", "HyCLoRAConfig", "HyCLlamaConfig",
            "HyCLlamaForCausalLM", "HyCMistralConfig",
            "HyCMistralForCausalLM", "HyCRobertaConfig", "HyCRobertaForMaskedLM", "HyCRobertaForSequenceClassification",
            "HyCRobertaModel", "LoRALinear", "__version__"]

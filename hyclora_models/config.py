@@ -21,7 +21,7 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
 class HyCLoRAConfig:
     """LoRA: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_rslora`` mean what they
     mean in ``peft.LoraConfig``. Compression: ``bits`` (2/4/8, or 16 to store exactly), ``outlier_ratio``,
-    ``group_size``, ``rotate``, ``rounding`` as in ``hyclora_models.compress``; ``mode`` "speed" or "memory"
+    ``group_size``, ``rotate``, ``rounding``, ``clip`` as in ``hyclora_models.compress``; ``mode`` "speed" or "memory"
     (gradient checkpointing selects memory mode). ``attention_backward``: "recompute" (attention's forward
     runs again in backward from the restored q/k/v; every backend, mask and dropout) or "kernel" (where
     torch's cuDNN attention covers the case: CUDA, bf16/fp16, SDPA, causal or no mask, no dropout, keep
@@ -44,6 +44,7 @@ class HyCLoRAConfig:
     group_size: int | str = DEFAULT_GROUP_SIZE
     rotate: bool = DEFAULT_ROTATE
     rounding: str = "nearest"
+    clip: float | str = "auto"
     mode: str = "speed"
     attention_backward: str = "recompute"
     nonlinear_bits: int | None = None
@@ -69,7 +70,7 @@ class HyCLoRAConfig:
             raise ValueError(f"attention_backward must be one of {ATTENTION_BACKWARDS}, got {self.attention_backward!r}")
         if not isinstance(self.fused_cross_entropy, bool):
             raise ValueError(f"fused_cross_entropy must be True or False, got {self.fused_cross_entropy!r}")
-        check_options(self.bits, self.outlier_ratio, self.group_size, self.rotate, self.rounding)
+        check_options(self.bits, self.outlier_ratio, self.group_size, self.rotate, self.rounding, self.clip)
 
     @property
     def scaling(self) -> float:
@@ -77,7 +78,7 @@ class HyCLoRAConfig:
 
     def compression_kwargs(self) -> dict:
         return dict(bits=self.bits, outlier_ratio=self.outlier_ratio, group_size=self.group_size,
-                    rotate=self.rotate, rounding=self.rounding)
+                    rotate=self.rotate, rounding=self.rounding, clip=self.clip)
 
     def to_dict(self) -> dict:
         return asdict(self)

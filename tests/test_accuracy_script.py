@@ -47,7 +47,7 @@ def test_grad_cosine_records(accuracy, tiny):
     assert by["bits8"]["cosine_median"] > 0.999 and by["bits8"]["options"]["group_size"] == 64
     assert by["bits8"]["cosine_median"] > by["bits2"]["cosine_median"] > 0.5
     assert by["bits2 channel"]["options"] == dict(outlier_ratio=0.005, group_size="channel", rotate=False,
-                                                  rounding="nearest", mode="speed", nonlinear_bits=None,
+                                                  rounding="nearest", clip="auto", mode="speed", nonlinear_bits=None,
                                                   tensor_bits=None)
     # every tensor a layer keeps, named in call order, at 16 bits: the reference's gradients exactly
     assert by["bits2, all kept at 16"]["cosine_worst"] > 0.99999

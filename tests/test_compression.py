@@ -25,8 +25,9 @@ def planted(shape, dtype=torch.float32, device="cpu", seed=0, outliers=(3, -2)):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group,rotate", [(32, False), (64, True), ("channel", False)])
 def test_error_within_half_a_step(backend, dtype, bits, group, rotate, device):
+    """Unclipped (clip=1), every quantised element is within half a step of its code."""
     x = planted((4, 9, 150), dtype, device, seed=bits)
-    c = H.compress(x, bits=bits, outlier_ratio=0.01, group_size=group, rotate=rotate, backend=backend)
+    c = H.compress(x, bits=bits, outlier_ratio=0.01, group_size=group, rotate=rotate, clip=1.0, backend=backend)
     y = c.decompress()
     assert y.shape == x.shape and y.dtype == x.dtype
     err = (y.float() - x.float()).reshape(-1, 150)
@@ -83,11 +84,58 @@ def test_bad_bits_rejected(backend, bad):
     (dict(outlier_ratio=-0.1), "outlier_ratio"), (dict(outlier_ratio=2), "outlier_ratio"),
     (dict(group_size=48), "group_size"), (dict(group_size=8), "group_size"),
     (dict(group_size="channel", rotate=True), "rotate=True"), (dict(rounding="up"), "rounding"),
-    (dict(backend="cuda"), "backend"),
+    (dict(backend="cuda"), "backend"), (dict(clip=0), "clip"), (dict(clip=1.5), "clip"), (dict(clip=True), "clip"),
+    (dict(clip="max"), "clip"),
 ])
 def test_bad_options_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         H.compress(torch.randn(4, 64), **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [32, "channel"])
+def test_clip_narrows_the_range_and_clamps(backend, dtype, group, device):
+    """clip=0.5: each group's range is half its [min, max] about the midpoint; elements inside it are within
+    half a step, elements beyond it decompress to its nearer end."""
+    x = planted((64, 150), dtype, device, outliers=())
+    c = H.compress(x, bits=2, outlier_ratio=0, group_size=group, rotate=False, clip=0.5, backend=backend)
+    xf, y = x.float(), c.decompress().float()
+    if group == "channel":
+        mn, mx = xf.aminmax(dim=0)
+        lo, step = c.zero.float()[None, :], c.scale.float()[None, :]
+    else:
+        xp = torch.nn.functional.pad(xf, (0, 10)).view(64, 5, 32)  # 150 channels: 5 groups of 32
+        valid = torch.arange(160, device=device).view(5, 32) < 150
+        mn = xp.masked_fill(~valid, float("inf")).amin(-1)
+        mx = xp.masked_fill(~valid, float("-inf")).amax(-1)
+        lo = c.zero.float().repeat_interleave(32, 1)[:, :150]
+        step = c.scale.float().repeat_interleave(32, 1)[:, :150]
+    # the stored range is the narrowed one, rounded outwards to the storage dtype (the scale by up to 2^-7
+    # of itself, the zero by an ulp)
+    excess = 3 * c.scale.float() - 0.5 * (mx - mn)
+    assert (excess >= -1e-6 * (mx - mn)).all()
+    assert (excess <= 0.01 * (mx - mn) + 2 * torch.finfo(dtype).eps * (mn.abs() + mx.abs())).all()
+    hi = lo + 3 * step
+    ulp = torch.finfo(dtype).eps * xf.abs()
+    inside = (xf >= lo) & (xf <= hi)
+    assert inside.float().mean() < 0.97 and inside.any()  # some elements were clipped
+    assert ((y - xf).abs() <= step / 2 * 1.0001 + ulp)[inside].all()
+    assert ((y - xf.clamp(lo, hi)).abs() <= ulp + 1e-6 * step)[~inside].all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auto_clip(backend, device):
+    """'auto' clips 2-bit codes (less squared error on Gaussian groups than the full range) and leaves 4 and
+    8 bits as unclipped, bit for bit."""
+    x = torch.randn(256, 512, device=device)
+    err = {clip: (H.compress(x, bits=2, clip=clip, backend=backend).decompress() - x).norm().item()
+           for clip in ("auto", 1.0)}
+    assert err["auto"] < 0.85 * err[1.0]
+    assert H.AUTO_CLIP[2] < 1 == H.AUTO_CLIP[4] == H.AUTO_CLIP[8]
+    for bits in (4, 8):
+        a, b = (H.compress(x, bits=bits, clip=clip, backend=backend) for clip in ("auto", 1.0))
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
 def test_bad_input_rejected():
@@ -130,7 +178,7 @@ def test_stochastic_rounding_is_unbiased(backend, device):
     x = torch.randn(8, 64, device=device)
     recon = torch.stack([H.compress(x, bits=2, outlier_ratio=0, group_size=32, rotate=False,
                                     rounding="stochastic", backend=backend).decompress() for _ in range(300)])
-    c = H.compress(x, bits=2, outlier_ratio=0, group_size=32, rotate=False, backend=backend)
+    c = H.compress(x, bits=2, outlier_ratio=0, group_size=32, rotate=False, clip=1.0, backend=backend)
     step = c.scale.float().repeat_interleave(32, 1)
     assert ((recon - x).abs() <= step * 1.0001).all()  # never more than one step away
     bias = (recon.mean(0) - x).abs() / step

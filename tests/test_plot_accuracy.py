@@ -64,3 +64,12 @@ def test_curves_compare_common_seeds(plot, results):
 def test_png(plot, results, tmp_path):
     out = plot.plot(plot.load(results), tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clip_labels(plot):
+    """Records from before the clip option were unclipped; 'auto' is labelled with what it meant."""
+    assert plot.label(record(2, 0, 1.0)) == "bits 2"
+    assert plot.label(record(2, 0, 1.0, clip="auto")) == "bits 2, clip 0.6"
+    assert plot.label(record(4, 0, 1.0, clip="auto")) == "bits 4"
+    assert plot.label(record(2, 0, 1.0, clip="auto", rounding="stochastic")) == "bits 2, rounding stochastic"
+    assert plot.label(record(2, 0, 1.0, clip=0.7)) == "bits 2, clip 0.7"

@@ -17,7 +17,7 @@ def _planted(n, c, dtype, device, seed=0):
     return x.to(dtype).to(device)
 
 
-def _run(fn_q, fn_d, x, bits, group, rotate, k):
+def _run(fn_q, fn_d, x, bits, group, rotate, k, clip=1.0):
     n, c = x.shape
     idx = x.float().abs().amax(0).topk(k).indices.sort().values.to(torch.int32) if k else \
         torch.empty(0, dtype=torch.int32, device=x.device)
@@ -25,19 +25,19 @@ def _run(fn_q, fn_d, x, bits, group, rotate, k):
     cz = cs = None
     if group is None:
         mn, mx = torch.aminmax(x.float(), dim=0)
-        cz, cs = K.store_stats(mn, mx, bits, x.dtype)
-    codes, scale, zero, slab = fn_q(x, pos, k, bits, group, rotate, None, cz, cs)
+        cz, cs = K.store_stats(mn, mx, bits, x.dtype, clip)
+    codes, scale, zero, slab = fn_q(x, pos, k, bits, group, rotate, None, cz, cs, clip)
     out = fn_d(codes, scale, zero, slab, pos, (n, c), bits, group, rotate, x.dtype)
     return codes, scale, zero, slab, out
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits,clip", [(2, 1.0), (4, 1.0), (8, 1.0), (2, 0.6)])
 @pytest.mark.parametrize("group,rotate", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_reference(bits, group, rotate, dtype, device):
+def test_kernel_matches_reference(bits, clip, group, rotate, dtype, device):
     x = _planted(37, 201, dtype, device, seed=bits)
-    ref = _run(K.quantize_reference, K.dequantize_reference, x, bits, group, rotate, k=2)
-    tri = _run(K.quantize_triton, K.dequantize_triton, x, bits, group, rotate, k=2)
+    ref = _run(K.quantize_reference, K.dequantize_reference, x, bits, group, rotate, k=2, clip=clip)
+    tri = _run(K.quantize_triton, K.dequantize_triton, x, bits, group, rotate, k=2, clip=clip)
     assert torch.equal(ref[3], tri[3])  # outliers: bit-exact copies
     if not rotate:  # the same fp32 operations in the same order: identical codes and statistics
         for name, a, b in zip(("codes", "scale", "zero"), ref[:3], tri[:3]):
