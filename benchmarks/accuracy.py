@@ -51,7 +51,12 @@ GRAD_CONFIGS = [
     ("bits4", dict(bits=4)),
     ("bits4 channel", dict(bits=4, group_size="channel", rotate=False)),
     ("bits4 no-rotate", dict(bits=4, rotate=False)),
-    ("bits2", dict(bits=2)),
+    ("bits4 clip 0.9", dict(bits=4, clip=0.9)),
+    ("bits2", dict(bits=2)),  # clip 'auto': 0.6
+    ("bits2 clip 1 (unclipped)", dict(bits=2, clip=1.0)),
+    ("bits2 clip 0.8", dict(bits=2, clip=0.8)),
+    ("bits2 clip 0.7", dict(bits=2, clip=0.7)),
+    ("bits2 clip 0.5", dict(bits=2, clip=0.5)),
     ("bits2 channel", dict(bits=2, group_size="channel", rotate=False)),
     ("bits2 g32", dict(bits=2, group_size=32)),
     ("bits2 no-rotate", dict(bits=2, rotate=False)),
@@ -67,6 +72,7 @@ GRAD_CONFIGS = [
     ("bits2, q+k+gate+up at 4", dict(bits=2, tensor_bits=dict(q=4, k=4, gate=4, up=4))),
     # the library option that does the above (HyCLoRAConfig.nonlinear_bits)
     ("bits2 nonlinear8", dict(bits=2, nonlinear_bits=8)),
+    ("bits2 nonlinear8 clip 1", dict(bits=2, nonlinear_bits=8, clip=1.0)),
     ("bits2 nonlinear4", dict(bits=2, nonlinear_bits=4)),
     ("bits4 nonlinear8", dict(bits=4, nonlinear_bits=8)),
 ]

@@ -39,11 +39,13 @@ def test_kernel_matches_reference(bits, clip, group, rotate, dtype, device):
     ref = _run(K.quantize_reference, K.dequantize_reference, x, bits, group, rotate, k=2, clip=clip)
     tri = _run(K.quantize_triton, K.dequantize_triton, x, bits, group, rotate, k=2, clip=clip)
     assert torch.equal(ref[3], tri[3])  # outliers: bit-exact copies
-    if not rotate:  # the same fp32 operations in the same order: identical codes and statistics
+    # the same fp32 operations in the same order: identical codes and statistics (a compiled kernel may fuse
+    # clipping's multiply-add, which moves the statistics by an ulp)
+    if not rotate and (clip == 1 or device == "cpu"):
         for name, a, b in zip(("codes", "scale", "zero"), ref[:3], tri[:3]):
             assert torch.equal(a, b), name
         tol = 0 if device == "cpu" else 2 * torch.finfo(dtype).eps  # GPU may fuse q * scale + zero
-    else:  # the rotation's sums run in another order: statistics within an ulp, codes within one step
+    else:  # sums in another order (rotation) or fused: statistics within an ulp, codes within one step
         eps = max(torch.finfo(dtype).eps, 1e-5)
         torch.testing.assert_close(tri[1], ref[1], rtol=eps, atol=0)
         torch.testing.assert_close(tri[2], ref[2], rtol=eps, atol=eps * ref[1].float().abs().max().item())
