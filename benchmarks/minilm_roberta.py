@@ -15,10 +15,7 @@ mapping on a tiny random BERT).
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -95,7 +92,7 @@ def minilm_roberta_checkpoint(cache: Path | None = None, log=print) -> Path:
     time, reused after."""
     from transformers import AutoTokenizer, BertModel
 
-    from hyclora_models.demo import cache_dir
+    from hyclora_models.demo import building, cache_dir
 
     out = (cache or cache_dir()) / NAME
     if (out / "model.safetensors").is_file():
@@ -110,15 +107,9 @@ def minilm_roberta_checkpoint(cache: Path | None = None, log=print) -> Path:
     if diff > 1e-4:
         raise SystemExit(f"all-MiniLM-L6-v2 as RoBERTa: hidden states differ from BERT's by {diff:.2e}")
     log(f"all-MiniLM-L6-v2 -> RoBERTa: hidden states equal to BERT's (max difference {diff:.1e}); saving {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=NAME + ".", dir=out.parent))
-    try:
+    with building(out) as tmp:
         roberta.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

