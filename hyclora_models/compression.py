@@ -21,7 +21,7 @@ ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
 BACKENDS = ("auto", "triton", "torch")
 
-# Defaults until the accuracy issue settles them by real fine-tunes (see README).
+# Defaults chosen by the fine-tunes and gradients measured on SmolLM2 (README, Accuracy).
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_ROTATE = True
 # clip="auto": the range kept per bits, as a fraction of each group's [min, max] (kernels/compress.py,

@@ -21,8 +21,8 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
 class HyCLoRAConfig:
     """LoRA: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_rslora`` mean what they
     mean in ``peft.LoraConfig``. Compression: ``bits`` (2/4/8, or 16 to store exactly), ``outlier_ratio``,
-    ``group_size``, ``rotate``, ``rounding``, ``clip`` as in ``hyclora_models.compress``; ``mode`` "speed" or "memory"
-    (gradient checkpointing selects memory mode). ``attention_backward``: "recompute" (attention's forward
+    ``group_size``, ``rotate``, ``rounding``, ``clip`` as in ``hyclora_models.compress``; ``mode`` "speed" or
+    "memory" (gradient checkpointing selects memory mode). ``attention_backward``: "recompute" (attention's forward
     runs again in backward from the restored q/k/v; every backend, mask and dropout) or "kernel" (where
     torch's cuDNN attention covers the case: CUDA, bf16/fp16, SDPA, causal or no mask, no dropout, keep
     its logsumexp and call its own backward; elsewhere recompute). "kernel" saves the attention forward in

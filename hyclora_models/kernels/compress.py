@@ -13,11 +13,11 @@ Layout of a compressed 2-D tensor x of shape (N tokens, C channels), bits b, P =
 
 Clipping: with ``clip`` < 1 the range quantised is ``clip`` times the group's (or channel's) [min, max],
 about its midpoint, and elements beyond it are clamped to its ends: fewer, finer steps where most of the
-data lies (at 2 bits, a Hadamard-rotated group is close to Gaussian and 0.6 roughly halves the squared
-error; see ``compression.AUTO_CLIP``). Rounding of the statistics to the storage dtype is directed so that
-the range they describe always covers the (clipped) range: |x - x_hat| <= scale / 2 for every quantised
-element inside it with nearest rounding. A group
-(or channel) holding NaN or inf gets a NaN scale, so non-finite input never decompresses finite.
+data lies (at 2 bits, a Hadamard-rotated group is close to Gaussian and 0.6 cuts the squared error by
+about 40%; see ``compression.AUTO_CLIP``). Rounding of the statistics to the storage dtype is directed so
+that the range they describe always covers the (clipped) range: |x - x_hat| <= scale / 2 for every
+quantised element inside it with nearest rounding. A group (or channel) holding NaN or inf gets a NaN
+scale, so non-finite input never decompresses finite.
 
 Each direction has a Triton kernel and a plain-torch reference of the same maths
 (``quantize_reference`` / ``dequantize_reference``); they agree code for code.
