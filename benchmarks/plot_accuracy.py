@@ -16,23 +16,23 @@ import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# the compression settings a method's label leaves out (the library's defaults when these runs began; records
-# from before the clip option have none and were unclipped)
-BASE = dict(outlier_ratio=0.005, group_size=64, rotate=True, rounding="nearest", clip=1.0, mode="speed",
-            nonlinear_bits=None)
+# the compression settings a method's label leaves out (the library's defaults); clip is named where it is not
+# what clip="auto" means at the record's bits (records from before the option have none: unclipped)
+BASE = dict(outlier_ratio=0.005, group_size=64, rotate=True, rounding="nearest", mode="speed", nonlinear_bits=None)
 
 
 def label(record: dict) -> str:
     """"bits 2, nonlinear_bits 8, rounding stochastic": bits and the options that differ from BASE."""
     if record["bits"] == 16:
         return "bits 16 (LoRA)"
-    options = {**BASE, **record["options"]}
-    if options["clip"] == "auto":  # what it meant at these bits
-        from hyclora_models.compression import clip_of
+    from hyclora_models.compression import clip_of
 
-        options["clip"] = clip_of("auto", record["bits"], options["rounding"])
-    return ", ".join([f"bits {record['bits']}"] + [f"{k} {v}" for k, v in options.items()
-                                                   if k in BASE and v != BASE[k]])
+    options = {**BASE, **record["options"]}
+    names = [f"{k} {v}" for k, v in options.items() if k in BASE and v != BASE[k]]
+    clip = clip_of(options.get("clip", 1.0), record["bits"], options["rounding"])
+    if clip != clip_of("auto", record["bits"], options["rounding"]):
+        names.append(f"clip {clip:g}")
+    return ", ".join([f"bits {record['bits']}"] + names)
 
 
 def load(results: Path = RESULTS) -> list[dict]:

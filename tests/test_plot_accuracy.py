@@ -19,7 +19,7 @@ def plot():
 
 
 def record(bits, seed, eval_loss, accuracy=None, task="t (a note)", **options):
-    base = dict(outlier_ratio=0.005, group_size=64, rotate=True, rounding="nearest", mode="speed")
+    base = dict(outlier_ratio=0.005, group_size=64, rotate=True, rounding="nearest", clip="auto", mode="speed")
     return dict(suite="accuracy", task=task, model="m", bits=bits, options={**base, **options}, seed=seed, steps=3,
                 batch_size=2, lr=1e-3, eval_loss=eval_loss, accuracy=accuracy,
                 train_losses=[3.0 + seed, 2.0 + bits / 100, 1.0])
@@ -67,9 +67,14 @@ def test_png(plot, results, tmp_path):
 
 
 def test_clip_labels(plot):
-    """Records from before the clip option were unclipped; 'auto' is labelled with what it meant."""
-    assert plot.label(record(2, 0, 1.0)) == "bits 2"
-    assert plot.label(record(2, 0, 1.0, clip="auto")) == "bits 2, clip 0.6"
-    assert plot.label(record(4, 0, 1.0, clip="auto")) == "bits 4"
-    assert plot.label(record(2, 0, 1.0, clip="auto", rounding="stochastic")) == "bits 2, rounding stochastic"
-    assert plot.label(record(2, 0, 1.0, clip=0.7)) == "bits 2, clip 0.7"
+    """clip is named where it is not what 'auto' means at the bits; records from before the option (no clip)
+    were unclipped."""
+    def old(bits, **options):
+        r = record(bits, 0, 1.0, **options)
+        del r["options"]["clip"]
+        return r
+
+    assert plot.label(old(2)) == "bits 2, clip 1" and plot.label(record(2, 0, 1.0)) == "bits 2"
+    assert plot.label(old(4)) == plot.label(record(4, 0, 1.0)) == "bits 4"
+    assert plot.label(old(2, rounding="stochastic")) == "bits 2, rounding stochastic"
+    assert plot.label(record(2, 0, 1.0, clip=0.7, nonlinear_bits=8)) == "bits 2, nonlinear_bits 8, clip 0.7"
