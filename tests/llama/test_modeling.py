@@ -178,6 +178,7 @@ def test_registration_is_idempotent():
     (dict(mode="fast"), "mode"),
     (dict(attention_backward="flash"), "attention_backward must be one of"),
     (dict(nonlinear_bits=3), "nonlinear_bits must be one of"),
+    (dict(clip=1.2), r"clip must be 'auto' or a number in \(0, 1\]"),
 ])
 def test_bad_settings_rejected(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
