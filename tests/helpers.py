@@ -1,6 +1,9 @@
 """Tiny vanilla models (Llama, Mistral causal LMs; RoBERTa for sequence classification and masked LM) on
 disk, and HyC / PEFT twins of them with the same adapter weights."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, RobertaConfig,
                           RobertaForMaskedLM, RobertaForSequenceClassification)
@@ -189,3 +192,15 @@ def assert_gradient_matches_finite_difference(model, b):
     assert abs(numeric - analytic) <= 3e-3 * abs(analytic), (numeric, analytic)
     torch.manual_seed(6)
     assert not torch.equal(model(**b).loss, loss())  # the masks do depend on the seed
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path, name=None):
+    """A script of the repository (benchmarks/, examples/) imported as a module, by its path."""
+    path = ROOT / path
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

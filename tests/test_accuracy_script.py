@@ -4,23 +4,17 @@ script cannot rot."""
 import importlib
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from .helpers import save_tiny, save_tiny_tokenizer
+from .helpers import load_script, save_tiny, save_tiny_tokenizer
 from .test_demo import SONNET
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def accuracy():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/accuracy.py", "bench_accuracy")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """examples/: the Trainer script trains, evaluates, saves adapter-only checkpoints and resumes from one with
 the losses of an uninterrupted run; so does TRL's SFTTrainer where TRL is installed."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -11,17 +10,14 @@ from safetensors import safe_open
 import hyclora_models as H
 from hyclora_models.lora import is_lora_name
 
-from .helpers import save_tiny, save_tiny_tokenizer
+from .helpers import load_script, save_tiny, save_tiny_tokenizer
 from .test_demo import SONNET
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 def logged_after(trainer, key, step):

@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from .helpers import load_script
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def minilm():
     sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("minilm_roberta", BENCH / "minilm_roberta.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/minilm_roberta.py")
 
 
 def tiny_bert(pad_token_id=0, seed=0):

@@ -3,19 +3,15 @@ matplotlib is installed."""
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from .helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def plot():
-    spec = importlib.util.spec_from_file_location("plot_accuracy", BENCH / "plot_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/plot_accuracy.py")
 
 
 def record(bits, seed, eval_loss, accuracy=None, task="t (a note)", **options):
