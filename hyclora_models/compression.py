@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import compress as K
+from .kernels._triton import use_triton
 
 ALLOWED_BITS = (2, 4, 8, 16)
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -131,7 +132,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda and K.triton is not None else "torch"
+        return "triton" if use_triton(x) else "torch"
     if backend == "triton" and K.triton is None:
         raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
     return backend
